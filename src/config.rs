@@ -1,0 +1,271 @@
+//! Layered configuration: defaults, then an optional TOML file, then
+//! `DATASTORAGE_*` environment variables with `__` between levels
+//! (`DATASTORAGE_DATABASE__URL`). Validated once at start-up.
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    Figment,
+};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use crate::embedding::openai::OpenAiSettings;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub grpc: GrpcSettings,
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub embedding: EmbeddingSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcSettings {
+    pub host: IpAddr,
+    /// 0 binds an ephemeral port (tests).
+    pub port: u16,
+    /// Largest request or response message. A 1000-event batch of maximal events
+    /// stays below the default; larger is refused with RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub host: IpAddr,
+    /// Serves `/healthz` and `/readyz`.
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    #[serde(serialize_with = "serialize_secret")]
+    pub url: SecretString,
+    pub max_connections: u32,
+    /// How long a call waits for a pooled connection before answering UNAVAILABLE.
+    pub acquire_timeout_ms: u64,
+    /// How often readiness probes PostgreSQL; health follows within this period.
+    pub health_check_interval_ms: u64,
+    /// Run pending migrations when `serve` starts.
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// all-MiniLM-L6-v2 on candle, loaded from `model_dir`.
+    Local,
+    /// An OpenAI-compatible `/v1/embeddings` endpoint.
+    Openai,
+}
+
+/// What a write does when its embedding cannot be generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Commit the event with a pending-embedding marker; a backfill completes it.
+    Defer,
+    /// Write nothing and answer UNAVAILABLE.
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingSettings {
+    pub provider: ProviderKind,
+    /// Directory holding model.safetensors, config.json and tokenizer.json.
+    pub model_dir: PathBuf,
+    /// Name the local model is registered under in the database.
+    pub model_name: String,
+    pub failure_policy: FailurePolicy,
+    /// Texts from concurrent writes are gathered into one model call of at most this many.
+    pub batch_max_size: usize,
+    /// How long the first text of a batch waits for company.
+    pub batch_window_ms: u64,
+    /// Entries of the in-process embedding cache.
+    pub cache_capacity: u64,
+    pub openai: OpenAiSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `json` for machines, `pretty` for people.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Settings serialise only to seed figment with the defaults, so the secret must
+/// survive; `Debug` (what logs would show) stays redacted by `SecretString`.
+pub(crate) fn serialize_secret<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    use secrecy::ExposeSecret;
+    s.serialize_str(secret.expose_secret())
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            grpc: GrpcSettings {
+                host: [0, 0, 0, 0].into(),
+                port: 8080,
+                max_message_bytes: 16 * 1024 * 1024,
+            },
+            http: HttpSettings {
+                host: [0, 0, 0, 0].into(),
+                port: 9090,
+            },
+            database: DatabaseSettings {
+                url: SecretString::from("postgres://datastorage:datastorage@127.0.0.1:55432/datastorage"),
+                max_connections: 20,
+                acquire_timeout_ms: 2_000,
+                health_check_interval_ms: 2_000,
+                migrate_on_start: true,
+            },
+            embedding: EmbeddingSettings {
+                provider: ProviderKind::Local,
+                model_dir: PathBuf::from(".cache/models/all-MiniLM-L6-v2"),
+                model_name: "all-MiniLM-L6-v2".to_owned(),
+                failure_policy: FailurePolicy::Defer,
+                batch_max_size: 32,
+                batch_window_ms: 2,
+                cache_capacity: 100_000,
+                openai: OpenAiSettings::default(),
+            },
+            log: LogSettings {
+                format: LogFormat::Json,
+            },
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` if given, then `DATASTORAGE_*` env vars; then validated.
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            anyhow::ensure!(file.exists(), "configuration file {} does not exist", file.display());
+            figment = figment.merge(Toml::file(file));
+        }
+        // Unknown DATASTORAGE_* variables are refused (a typo must not be silently
+        // ignored), except the CLI's own and those the tests and benchmarks read.
+        figment = figment.merge(
+            Env::prefixed("DATASTORAGE_")
+                .filter(|key| {
+                    let key = key.as_str().to_ascii_lowercase();
+                    key != "config" && !key.starts_with("test_") && !key.starts_with("bench_")
+                })
+                .split("__"),
+        );
+        let settings: Settings = figment
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::ensure;
+        use secrecy::ExposeSecret;
+        ensure!(
+            self.grpc.max_message_bytes >= 64 * 1024,
+            "grpc.max_message_bytes must be at least 65536"
+        );
+        ensure!(
+            self.database.url.expose_secret().starts_with("postgres://")
+                || self.database.url.expose_secret().starts_with("postgresql://"),
+            "database.url must be a postgres:// URL"
+        );
+        ensure!(
+            self.database.max_connections >= 1,
+            "database.max_connections must be at least 1"
+        );
+        ensure!(
+            self.database.acquire_timeout_ms >= 1,
+            "database.acquire_timeout_ms must be positive"
+        );
+        ensure!(
+            self.database.health_check_interval_ms >= 10,
+            "database.health_check_interval_ms must be at least 10"
+        );
+        ensure!(
+            (1..=1024).contains(&self.embedding.batch_max_size),
+            "embedding.batch_max_size must be within 1..=1024"
+        );
+        ensure!(
+            !self.embedding.model_name.is_empty(),
+            "embedding.model_name must not be empty"
+        );
+        match self.embedding.provider {
+            ProviderKind::Local => ensure!(
+                self.embedding.model_dir.join("model.safetensors").is_file()
+                    && self.embedding.model_dir.join("tokenizer.json").is_file(),
+                "embedding.model_dir ({}) must contain model.safetensors and tokenizer.json (run `make deps`)",
+                self.embedding.model_dir.display()
+            ),
+            ProviderKind::Openai => self.embedding.openai.validate()?,
+        }
+        Ok(())
+    }
+
+    pub fn health_check_interval(&self) -> Duration {
+        Duration::from_millis(self.database.health_check_interval_ms)
+    }
+}
+
+#[cfg(test)]
+// figment's Jail closures must return figment::Error, which is large by design.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_apart_from_the_model_directory() {
+        let mut settings = Settings::default();
+        settings.embedding.provider = ProviderKind::Openai;
+        settings.embedding.openai.base_url = "http://127.0.0.1:1".into();
+        settings.embedding.openai.model = "text-embedding-3-small".into();
+        settings.embedding.openai.dimensions = 384;
+        settings.validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn env_vars_override_nested_settings_and_errors_name_the_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DATASTORAGE_GRPC__PORT", "7000");
+            jail.set_env("DATASTORAGE_EMBEDDING__PROVIDER", "openai");
+            jail.set_env("DATASTORAGE_EMBEDDING__OPENAI__BASE_URL", "http://127.0.0.1:9");
+            jail.set_env("DATASTORAGE_EMBEDDING__OPENAI__MODEL", "m");
+            jail.set_env("DATASTORAGE_EMBEDDING__OPENAI__DIMENSIONS", "8");
+            jail.set_env("DATASTORAGE_CONFIG", "read by the CLI, not here");
+            jail.set_env("DATASTORAGE_TEST_DATABASE_URL", "read by the tests");
+            let settings = Settings::load(None).expect("loads");
+            assert_eq!(settings.grpc.port, 7000);
+
+            jail.set_env("DATASTORAGE_DATABASE__MAX_CONNECTIONS", "lots");
+            let error = Settings::load(None).unwrap_err().to_string();
+            assert!(error.to_lowercase().contains("database.max_connections"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_misspelt_setting_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DATASTORAGE_GRPC__PROT", "7001");
+            let error = Settings::load(None).unwrap_err().to_string();
+            assert!(error.to_lowercase().contains("prot"), "{error}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,117 @@
+//! The storage core: PostgreSQL access and the transaction boundary. Callers
+//! hand it validated domain values; it never sees protobuf types.
+mod audit;
+mod incidents;
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::{DateTime, Datelike, Utc};
+use secrecy::ExposeSecret;
+use sqlx::{postgres::PgPoolOptions, PgPool};
+
+pub use audit::{EmbeddingDecision, PreparedWrite};
+
+use crate::{config::DatabaseSettings, error::CoreError};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A registered embedding model: its row id is what embeddings and indexes refer to.
+#[derive(Debug, Clone)]
+pub struct ModelHandle {
+    pub id: i16,
+    pub name: String,
+    pub dimensions: usize,
+}
+
+#[derive(Clone)]
+pub struct Storage {
+    pool: PgPool,
+    /// Months whose partitions are known to exist, so the write path asks the
+    /// database only the first time it meets a month.
+    known_partitions: Arc<Mutex<HashSet<(i32, u32)>>>,
+}
+
+/// A pool that connects lazily: the server starts, and reports NOT_SERVING,
+/// while PostgreSQL is down, instead of failing to start.
+pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .connect_lazy(settings.url.expose_secret())?)
+}
+
+impl Storage {
+    pub fn new(pool: PgPool) -> Self {
+        Storage {
+            pool,
+            known_partitions: Arc::default(),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// True when PostgreSQL answers a trivial query within the pool's acquire timeout.
+    pub async fn is_reachable(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Registers the model (idempotently) and makes sure its vector index exists.
+    #[tracing::instrument(skip(self))]
+    pub async fn register_model(
+        &self,
+        name: &str,
+        dimensions: usize,
+        provider: &str,
+    ) -> Result<ModelHandle, CoreError> {
+        let dims = i32::try_from(dimensions).map_err(|e| CoreError::Internal(e.into()))?;
+        let id: i16 = sqlx::query_scalar("SELECT register_embedding_model($1, $2, $3)")
+            .bind(name)
+            .bind(dims)
+            .bind(provider)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(CoreError::database)?;
+        Ok(ModelHandle {
+            id,
+            name: name.to_owned(),
+            dimensions,
+        })
+    }
+
+    /// Creates the monthly partitions the given timestamps fall into, outside
+    /// any write transaction.
+    #[tracing::instrument(skip_all)]
+    pub async fn ensure_partitions(
+        &self,
+        timestamps: impl IntoIterator<Item = DateTime<Utc>>,
+    ) -> Result<(), CoreError> {
+        let mut missing = Vec::new();
+        {
+            let known = self.known_partitions.lock().expect("partition cache lock");
+            for at in timestamps {
+                let month = (at.year(), at.month());
+                if !known.contains(&month) && !missing.iter().any(|(m, _)| *m == month) {
+                    missing.push((month, at));
+                }
+            }
+        }
+        for (month, at) in missing {
+            sqlx::query("SELECT ensure_audit_partitions($1)")
+                .bind(at)
+                .execute(&self.pool)
+                .await
+                .map_err(CoreError::database)?;
+            self.known_partitions
+                .lock()
+                .expect("partition cache lock")
+                .insert(month);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,121 @@
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    convert::{self, ValidationContext},
+    ANONYMOUS_SOURCE,
+};
+use crate::{
+    audit::AuditService,
+    domain::{EmbeddingState, Violations, WriteReceipt},
+    error::CoreError,
+    proto::v1::{self as pb, audit_write_server::AuditWrite},
+};
+
+/// Most requests one BatchWriteAudit may carry.
+pub const MAX_BATCH: usize = 1000;
+
+pub struct AuditWriteService {
+    audit: Arc<AuditService>,
+}
+
+impl AuditWriteService {
+    pub fn new(audit: Arc<AuditService>) -> Self {
+        AuditWriteService { audit }
+    }
+
+    fn context(&self) -> ValidationContext {
+        ValidationContext {
+            now: chrono::Utc::now(),
+            embedding_dimensions: self.audit.embedding_dimensions(),
+        }
+    }
+}
+
+fn response(receipt: WriteReceipt) -> pb::WriteAuditResponse {
+    pb::WriteAuditResponse {
+        event_id: receipt.event_id.to_string(),
+        incident_id: receipt.incident_id.to_string(),
+        duplicate: receipt.duplicate,
+        embedding_state: embedding_state(receipt.embedding_state) as i32,
+        write_state: pb::WriteState::Committed as i32,
+    }
+}
+
+pub fn embedding_state(state: EmbeddingState) -> pb::EmbeddingState {
+    match state {
+        EmbeddingState::NotEmbedded => pb::EmbeddingState::Unspecified,
+        EmbeddingState::Generated => pb::EmbeddingState::Generated,
+        EmbeddingState::Cached => pb::EmbeddingState::Cached,
+        EmbeddingState::Provided => pb::EmbeddingState::Provided,
+        EmbeddingState::Deferred => pb::EmbeddingState::Deferred,
+    }
+}
+
+#[tonic::async_trait]
+impl AuditWrite for AuditWriteService {
+    async fn write_audit(
+        &self,
+        request: Request<pb::WriteAuditRequest>,
+    ) -> Result<Response<pb::WriteAuditResponse>, Status> {
+        let write =
+            convert::write_request("", request.into_inner(), &self.context()).map_err(CoreError::InvalidInput)?;
+        let receipts = self
+            .audit
+            .write(ANONYMOUS_SOURCE, vec![write], |_| "event".to_owned())
+            .await?;
+        let receipt = receipts.into_iter().next().expect("one receipt per write");
+        Ok(Response::new(response(receipt)))
+    }
+
+    async fn batch_write_audit(
+        &self,
+        request: Request<pb::BatchWriteAuditRequest>,
+    ) -> Result<Response<pb::BatchWriteAuditResponse>, Status> {
+        let pb::BatchWriteAuditRequest { requests } = request.into_inner();
+        if requests.is_empty() || requests.len() > MAX_BATCH {
+            return Err(CoreError::InvalidInput(Violations::single(
+                "requests",
+                format!("must hold 1..={MAX_BATCH} requests, got {}", requests.len()),
+            ))
+            .into());
+        }
+        let ctx = self.context();
+        let mut violations = Violations::new();
+        let mut writes = Vec::with_capacity(requests.len());
+        for (index, request) in requests.into_iter().enumerate() {
+            match convert::write_request(&format!("requests[{index}]"), request, &ctx) {
+                Ok(write) => writes.push(write),
+                Err(v) => v
+                    .iter()
+                    .for_each(|f| violations.add(f.field.clone(), f.description.clone())),
+            }
+        }
+        if !violations.is_empty() {
+            return Err(CoreError::InvalidInput(violations).into());
+        }
+        let receipts = self
+            .audit
+            .write(ANONYMOUS_SOURCE, writes, |i| format!("requests[{i}].event"))
+            .await?;
+        Ok(Response::new(pb::BatchWriteAuditResponse {
+            responses: receipts.into_iter().map(response).collect(),
+        }))
+    }
+
+    async fn place_legal_hold(&self, _: Request<pb::PlaceLegalHoldRequest>) -> Result<Response<pb::LegalHold>, Status> {
+        Err(Status::unimplemented(
+            "legal holds arrive with the audit-integrity release",
+        ))
+    }
+
+    async fn release_legal_hold(
+        &self,
+        _: Request<pb::ReleaseLegalHoldRequest>,
+    ) -> Result<Response<pb::LegalHold>, Status> {
+        Err(Status::unimplemented(
+            "legal holds arrive with the audit-integrity release",
+        ))
+    }
+}

@@ -1,0 +1,454 @@
+//! Protobuf → domain: every field of every request message is destructured by
+//! name (a new proto field breaks the build here instead of being ignored) and
+//! checked against the contract. Violations are collected, not short-circuited,
+//! so one answer names every bad field.
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use uuid::Uuid;
+
+use crate::{
+    domain::{
+        AiAnalysis, AuditEvent, Custom, EmbeddingVector, Execution, ExecutionStatus, Payload, Phase, Remediation,
+        RequestId, ResourceRef, Severity, Violations, Workflow, WriteRequest, MAX_CUSTOM_DATA_BYTES,
+        MAX_CUSTOM_DATA_DEPTH, MAX_FREE_TEXT_BYTES, MAX_FUTURE_SKEW, MAX_ID_CHARS, MAX_LABELS, MAX_LABEL_KEY_CHARS,
+    },
+    proto::v1 as pb,
+};
+
+/// Facts the rules depend on that are not in the request.
+pub struct ValidationContext {
+    pub now: DateTime<Utc>,
+    pub embedding_dimensions: usize,
+}
+
+/// Field paths are built as the parser descends: `requests[3].event.remediation`.
+fn path(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+fn required_id(v: &mut Violations, field: String, value: String) -> String {
+    let chars = value.chars().count();
+    if value.trim().is_empty() {
+        v.add(field, "is required");
+    } else if chars > MAX_ID_CHARS {
+        v.add(field, format!("must be at most {MAX_ID_CHARS} characters, got {chars}"));
+    }
+    value
+}
+
+fn required_text(v: &mut Violations, field: String, value: String, max_chars: usize) -> String {
+    if value.trim().is_empty() {
+        v.add(field, "is required");
+    } else if value.chars().count() > max_chars {
+        v.add(field, format!("must be at most {max_chars} characters"));
+    }
+    value
+}
+
+fn optional_text(v: &mut Violations, field: String, value: String, max_chars: usize) -> Option<String> {
+    if value.chars().count() > max_chars {
+        v.add(field, format!("must be at most {max_chars} characters"));
+    }
+    (!value.is_empty()).then_some(value)
+}
+
+fn optional_free_text(v: &mut Violations, field: String, value: String) -> Option<String> {
+    if value.len() > MAX_FREE_TEXT_BYTES {
+        v.add(
+            field,
+            format!("must be at most {MAX_FREE_TEXT_BYTES} bytes, got {}", value.len()),
+        );
+    }
+    (!value.is_empty()).then_some(value)
+}
+
+fn required_free_text(v: &mut Violations, field: String, value: String) -> String {
+    if value.trim().is_empty() {
+        v.add(field, "is required");
+        return value;
+    }
+    optional_free_text(v, field, value).unwrap_or_default()
+}
+
+fn timestamp(v: &mut Violations, field: &str, value: prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    // prost's Timestamp allows any i64 seconds; the protobuf spec's range is years 1..=9999.
+    const MIN_SECONDS: i64 = -62_135_596_800;
+    const MAX_SECONDS: i64 = 253_402_300_799;
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&value.seconds) || !(0..1_000_000_000).contains(&value.nanos) {
+        v.add(field, "must be a valid timestamp between 0001-01-01 and 9999-12-31");
+        return None;
+    }
+    DateTime::from_timestamp(value.seconds, value.nanos as u32)
+}
+
+fn duration(v: &mut Violations, field: String, value: Option<prost_types::Duration>) -> Option<std::time::Duration> {
+    let value = value?;
+    if value.seconds < 0 || value.nanos < 0 || value.nanos >= 1_000_000_000 {
+        v.add(field, "must be zero or positive");
+        return None;
+    }
+    Some(std::time::Duration::new(value.seconds as u64, value.nanos as u32))
+}
+
+fn enum_value<T>(v: &mut Violations, field: String, code: i32, from_code: fn(i32) -> Option<T>) -> Option<T> {
+    let parsed = from_code(code);
+    if parsed.is_none() {
+        v.add(
+            field,
+            if code == 0 {
+                "is required (UNSPECIFIED is not allowed)".to_owned()
+            } else {
+                format!("unknown value {code}")
+            },
+        );
+    }
+    parsed
+}
+
+fn resource(v: &mut Violations, field: String, value: Option<pb::ResourceRef>) -> Option<ResourceRef> {
+    let Some(pb::ResourceRef { kind, name, namespace }) = value else {
+        v.add(field, "is required");
+        return None;
+    };
+    Some(ResourceRef {
+        kind: required_id(v, path(&field, "kind"), kind),
+        name: required_id(v, path(&field, "name"), name),
+        namespace: optional_text(v, path(&field, "namespace"), namespace, MAX_ID_CHARS),
+    })
+}
+
+pub fn write_request(
+    prefix: &str,
+    request: pb::WriteAuditRequest,
+    ctx: &ValidationContext,
+) -> Result<WriteRequest, Violations> {
+    let pb::WriteAuditRequest {
+        event,
+        request_id,
+        embedding,
+    } = request;
+    let mut v = Violations::new();
+    let event = match event {
+        Some(event) => audit_event(&mut v, &path(prefix, "event"), event, ctx),
+        None => {
+            v.add(path(prefix, "event"), "is required");
+            None
+        }
+    };
+    let request_id = RequestId::parse(&path(prefix, "request_id"), request_id, &mut v);
+    let embedding = embedding.and_then(|pb::Vector { values }| {
+        EmbeddingVector::parse(
+            &path(prefix, "embedding.values"),
+            values,
+            ctx.embedding_dimensions,
+            &mut v,
+        )
+    });
+    match event {
+        Some(event) if v.is_empty() => Ok(WriteRequest {
+            event,
+            request_id,
+            embedding,
+        }),
+        _ => Err(v),
+    }
+}
+
+fn audit_event(v: &mut Violations, prefix: &str, event: pb::AuditEvent, ctx: &ValidationContext) -> Option<AuditEvent> {
+    let pb::AuditEvent {
+        correlation_id,
+        remediation_request_id,
+        occurred_at,
+        namespace,
+        cluster,
+        labels,
+        parent_event_id,
+        payload,
+    } = event;
+    let before = v.iter().count();
+    let correlation_id = required_id(v, path(prefix, "correlation_id"), correlation_id);
+    let remediation_request_id = required_id(v, path(prefix, "remediation_request_id"), remediation_request_id);
+    let occurred_field = path(prefix, "occurred_at");
+    let occurred_at = match occurred_at {
+        None => {
+            v.add(&occurred_field, "is required");
+            None
+        }
+        Some(ts) => timestamp(v, &occurred_field, ts).filter(|at| {
+            let too_late = *at > ctx.now + MAX_FUTURE_SKEW;
+            if too_late {
+                v.add(&occurred_field, "must not be more than 5 minutes in the future");
+            }
+            !too_late
+        }),
+    };
+    let namespace = required_id(v, path(prefix, "namespace"), namespace);
+    let cluster = optional_text(v, path(prefix, "cluster"), cluster, MAX_ID_CHARS);
+    let labels = label_map(v, &path(prefix, "labels"), labels);
+    let parent_field = path(prefix, "parent_event_id");
+    let parent_event_id = (!parent_event_id.is_empty())
+        .then(|| Uuid::parse_str(&parent_event_id))
+        .and_then(|parsed| {
+            parsed
+                .inspect_err(|_| v.add(&parent_field, "must be an event id returned by WriteAudit"))
+                .ok()
+        });
+    let payload = match payload {
+        None => {
+            v.add(
+                path(prefix, "payload"),
+                "exactly one of remediation, ai_analysis, workflow, execution, custom is required",
+            );
+            None
+        }
+        Some(payload) => audit_payload(v, prefix, payload),
+    };
+    if v.iter().count() > before {
+        return None;
+    }
+    Some(AuditEvent {
+        correlation_id,
+        remediation_request_id,
+        occurred_at: occurred_at?,
+        namespace,
+        cluster,
+        labels,
+        parent_event_id,
+        payload: payload?,
+    })
+}
+
+fn label_map(
+    v: &mut Violations,
+    field: &str,
+    labels: std::collections::HashMap<String, String>,
+) -> BTreeMap<String, String> {
+    if labels.len() > MAX_LABELS {
+        v.add(
+            field,
+            format!("must have at most {MAX_LABELS} entries, got {}", labels.len()),
+        );
+    }
+    // Sorted so that the reported violations do not depend on hash order.
+    let labels: BTreeMap<String, String> = labels.into_iter().collect();
+    for (key, value) in &labels {
+        let key_chars = key.chars().count();
+        if key_chars == 0 || key_chars > MAX_LABEL_KEY_CHARS {
+            v.add(
+                format!("{field}[{key:?}]"),
+                format!("keys must be 1..={MAX_LABEL_KEY_CHARS} characters"),
+            );
+        }
+        if value.chars().count() > MAX_ID_CHARS {
+            v.add(
+                format!("{field}[{key:?}]"),
+                format!("values must be at most {MAX_ID_CHARS} characters"),
+            );
+        }
+    }
+    labels
+}
+
+fn audit_payload(v: &mut Violations, prefix: &str, payload: pb::audit_event::Payload) -> Option<Payload> {
+    use pb::audit_event::Payload as P;
+    Some(match payload {
+        P::Remediation(r) => Payload::Remediation(remediation(v, &path(prefix, "remediation"), r)?),
+        P::AiAnalysis(a) => Payload::AiAnalysis(ai_analysis(v, &path(prefix, "ai_analysis"), a)?),
+        P::Workflow(w) => Payload::Workflow(workflow(v, &path(prefix, "workflow"), w)?),
+        P::Execution(e) => Payload::Execution(execution(v, &path(prefix, "execution"), e)?),
+        P::Custom(c) => Payload::Custom(custom(v, &path(prefix, "custom"), c)?),
+    })
+}
+
+fn remediation(v: &mut Violations, prefix: &str, r: pb::RemediationAudit) -> Option<Remediation> {
+    let pb::RemediationAudit {
+        signal_type,
+        signal_name,
+        severity,
+        target,
+        phase,
+        message,
+        started_at,
+        completed_at,
+        priority,
+    } = r;
+    let signal_type = required_id(v, path(prefix, "signal_type"), signal_type);
+    let signal_name = required_id(v, path(prefix, "signal_name"), signal_name);
+    let severity = enum_value(v, path(prefix, "severity"), severity, Severity::from_code);
+    let target = resource(v, path(prefix, "target"), target);
+    let phase = enum_value(v, path(prefix, "phase"), phase, Phase::from_code);
+    let message = optional_free_text(v, path(prefix, "message"), message);
+    let started_field = path(prefix, "started_at");
+    let completed_field = path(prefix, "completed_at");
+    let started_at = started_at.and_then(|ts| timestamp(v, &started_field, ts));
+    let completed_at = completed_at.and_then(|ts| timestamp(v, &completed_field, ts));
+    if let (Some(start), Some(end)) = (started_at, completed_at) {
+        if start > end {
+            v.add(completed_field, "must not be before started_at");
+        }
+    }
+    let priority = optional_text(v, path(prefix, "priority"), priority, MAX_ID_CHARS);
+    Some(Remediation {
+        signal_type,
+        signal_name,
+        severity: severity?,
+        target: target?,
+        phase: phase?,
+        message,
+        started_at,
+        completed_at,
+        priority,
+    })
+}
+
+fn ai_analysis(v: &mut Violations, prefix: &str, a: pb::AiAnalysisAudit) -> Option<AiAnalysis> {
+    let pb::AiAnalysisAudit {
+        root_cause,
+        recommended_action,
+        confidence,
+        reasoning,
+        model,
+    } = a;
+    let root_cause = required_free_text(v, path(prefix, "root_cause"), root_cause);
+    let recommended_action = required_id(v, path(prefix, "recommended_action"), recommended_action);
+    // proto3 cannot tell an unset double from 0.0, so "required" means "a number in range".
+    if !(0.0..=1.0).contains(&confidence) {
+        v.add(path(prefix, "confidence"), "must be within 0..=1");
+    }
+    let reasoning = optional_free_text(v, path(prefix, "reasoning"), reasoning);
+    let model = optional_text(v, path(prefix, "model"), model, MAX_ID_CHARS);
+    Some(AiAnalysis {
+        root_cause,
+        recommended_action,
+        confidence,
+        reasoning,
+        model,
+    })
+}
+
+fn workflow(v: &mut Violations, prefix: &str, w: pb::WorkflowAudit) -> Option<Workflow> {
+    let pb::WorkflowAudit {
+        workflow_id,
+        step_name,
+        status,
+        duration: elapsed,
+        error_message,
+    } = w;
+    let workflow_id = required_id(v, path(prefix, "workflow_id"), workflow_id);
+    let step_name = required_id(v, path(prefix, "step_name"), step_name);
+    let status = enum_value(v, path(prefix, "status"), status, ExecutionStatus::from_code);
+    let elapsed = duration(v, path(prefix, "duration"), elapsed);
+    let error_message = optional_free_text(v, path(prefix, "error_message"), error_message);
+    Some(Workflow {
+        workflow_id,
+        step_name,
+        status: status?,
+        duration: elapsed,
+        error_message,
+    })
+}
+
+fn execution(v: &mut Violations, prefix: &str, e: pb::ExecutionAudit) -> Option<Execution> {
+    let pb::ExecutionAudit {
+        action_type,
+        target,
+        status,
+        duration: elapsed,
+        error_message,
+    } = e;
+    let action_type = required_id(v, path(prefix, "action_type"), action_type);
+    let target = resource(v, path(prefix, "target"), target);
+    let status = enum_value(v, path(prefix, "status"), status, ExecutionStatus::from_code);
+    let elapsed = duration(v, path(prefix, "duration"), elapsed);
+    let error_message = optional_free_text(v, path(prefix, "error_message"), error_message);
+    Some(Execution {
+        action_type,
+        target: target?,
+        status: status?,
+        duration: elapsed,
+        error_message,
+    })
+}
+
+fn custom(v: &mut Violations, prefix: &str, c: pb::CustomAudit) -> Option<Custom> {
+    let pb::CustomAudit {
+        event_type,
+        action,
+        outcome,
+        data,
+        text,
+    } = c;
+    let event_type = required_text(v, path(prefix, "event_type"), event_type, 100);
+    let action = optional_text(v, path(prefix, "action"), action, 50);
+    let outcome = optional_text(v, path(prefix, "outcome"), outcome, 20);
+    let data_field = path(prefix, "data");
+    let data = data.and_then(|data| {
+        let size = data.encoded_len();
+        if size > MAX_CUSTOM_DATA_BYTES {
+            v.add(
+                &data_field,
+                format!("must be at most {MAX_CUSTOM_DATA_BYTES} bytes serialized, got {size}"),
+            );
+            return None;
+        }
+        match struct_to_json(data, 1) {
+            Ok(json) => Some(json),
+            Err(()) => {
+                v.add(
+                    &data_field,
+                    format!("must be nested at most {MAX_CUSTOM_DATA_DEPTH} levels deep"),
+                );
+                None
+            }
+        }
+    });
+    let text = optional_free_text(v, path(prefix, "text"), text);
+    Some(Custom {
+        event_type,
+        action,
+        outcome,
+        data,
+        text,
+    })
+}
+
+/// google.protobuf.Struct → JSON, refusing nesting deeper than the contract allows.
+fn struct_to_json(data: prost_types::Struct, depth: usize) -> Result<serde_json::Value, ()> {
+    if depth > MAX_CUSTOM_DATA_DEPTH {
+        return Err(());
+    }
+    data.fields
+        .into_iter()
+        .map(|(key, value)| Ok((key, value_to_json(value, depth)?)))
+        .collect::<Result<serde_json::Map<_, _>, ()>>()
+        .map(serde_json::Value::Object)
+}
+
+fn value_to_json(value: prost_types::Value, depth: usize) -> Result<serde_json::Value, ()> {
+    use prost_types::value::Kind;
+    Ok(match value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
+        // JSON has no NaN or infinity; they become null, as protobuf's own JSON mapping refuses them.
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, Into::into),
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s),
+        Some(Kind::StructValue(s)) => struct_to_json(s, depth + 1)?,
+        Some(Kind::ListValue(list)) => {
+            if depth + 1 > MAX_CUSTOM_DATA_DEPTH {
+                return Err(());
+            }
+            serde_json::Value::Array(
+                list.values
+                    .into_iter()
+                    .map(|item| value_to_json(item, depth + 1))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+    })
+}

@@ -1,0 +1,8 @@
+//! Transport: gRPC services. Each handler parses protobuf into domain types
+//! (`convert`), calls the core, and maps the result; nothing else lives here.
+pub mod audit_write;
+pub mod convert;
+pub mod status;
+
+/// The caller recorded as an event's `source` until authentication lands.
+pub const ANONYMOUS_SOURCE: &str = "anonymous";

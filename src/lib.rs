@@ -1,0 +1,25 @@
+//! datastorage: the platform's audit trail over gRPC.
+//!
+//! Each audit write is validated, embedded, and committed to PostgreSQL with
+//! its incident projection and pgvector embedding in one transaction.
+//!
+//! # Layout
+//! - [`grpc`]: transport. Services parse protobuf into [`domain`] types
+//!   (`grpc::convert`) and map [`error::CoreError`] to `Status` in one place
+//!   (`grpc::status`).
+//! - [`domain`]: validated values; the only way in is parsing.
+//! - [`audit`]: the write use case (embedding and failure policy before the transaction).
+//! - [`storage`]: PostgreSQL; owns the transaction boundary.
+//! - [`embedding`]: providers (local candle model, OpenAI-compatible HTTP), micro-batching, cache.
+//! - [`startup`]: builds the application and returns the bound ports.
+pub mod audit;
+pub mod config;
+pub mod domain;
+pub mod embedding;
+pub mod error;
+pub mod grpc;
+pub mod health;
+pub mod proto;
+pub mod startup;
+pub mod storage;
+pub mod telemetry;

@@ -1,0 +1,152 @@
+//! Builds the whole application from settings and returns a handle with the
+//! bound ports, so tests can start it on port 0 exactly as production does.
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::{server::HealthReporter, ServingStatus};
+
+use crate::{
+    audit::AuditService,
+    config::Settings,
+    embedding::{self, Embedder, EmbeddingProvider},
+    grpc::audit_write::AuditWriteService,
+    health::{self, Readiness},
+    proto::{self, v1::audit_write_server::AuditWriteServer},
+    storage::{self, Storage},
+};
+
+pub struct Application {
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    settings: Settings,
+    storage: Storage,
+    audit: Arc<AuditService>,
+}
+
+impl Application {
+    /// Loads the configured embedding provider, then builds.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let provider = embedding::provider_from_settings(&settings.embedding)?;
+        Self::build_with_provider(settings, provider).await
+    }
+
+    /// Builds with a given provider (tests share one loaded model across servers).
+    pub async fn build_with_provider(settings: Settings, provider: Arc<dyn EmbeddingProvider>) -> anyhow::Result<Self> {
+        let storage = Storage::new(storage::pool(&settings.database)?);
+        if settings.database.migrate_on_start {
+            storage::MIGRATOR
+                .run(storage.pool())
+                .await
+                .context("running migrations")?;
+        }
+        let provider_kind = format!("{:?}", settings.embedding.provider).to_lowercase();
+        let model = storage
+            .register_model(provider.model_name(), provider.dimensions(), &provider_kind)
+            .await
+            .context("registering the embedding model")?;
+        let embedder = Arc::new(Embedder::new(provider, &settings.embedding));
+        let audit = Arc::new(AuditService::new(
+            storage.clone(),
+            embedder,
+            model,
+            settings.embedding.failure_policy,
+        ));
+
+        let grpc_listener = TcpListener::bind(SocketAddr::new(settings.grpc.host, settings.grpc.port))
+            .await
+            .with_context(|| format!("binding the gRPC port {}", settings.grpc.port))?;
+        let http_listener = TcpListener::bind(SocketAddr::new(settings.http.host, settings.http.port))
+            .await
+            .with_context(|| format!("binding the HTTP port {}", settings.http.port))?;
+        Ok(Application {
+            grpc_listener,
+            http_listener,
+            settings,
+            storage,
+            audit,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.grpc_listener.local_addr().expect("bound listener").port()
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.http_listener.local_addr().expect("bound listener").port()
+    }
+
+    /// Serves until `shutdown` resolves; health turns NOT_SERVING first so that
+    /// load balancers stop routing before the listener closes.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        health::set_all(&reporter, ServingStatus::NotServing).await;
+        let readiness = Readiness::default();
+        let monitor = tokio::spawn(health::monitor(
+            self.storage.clone(),
+            reporter.clone(),
+            readiness.clone(),
+            self.settings.health_check_interval(),
+        ));
+        let http = tokio::spawn(health::serve_http(self.http_listener, readiness));
+
+        let reflection_v1 = reflection_builder().build_v1()?;
+        let reflection_v1alpha = reflection_builder().build_v1alpha()?;
+        let max = self.settings.grpc.max_message_bytes;
+        let audit_write = AuditWriteServer::new(AuditWriteService::new(self.audit))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+
+        let address = self.grpc_listener.local_addr()?;
+        tracing::info!(%address, "gRPC listening");
+        let incoming = TcpListenerStream::new(self.grpc_listener);
+        let result = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(audit_write)
+            .serve_with_incoming_shutdown(incoming, stop_serving(reporter, monitor, shutdown))
+            .await;
+        http.abort();
+        result.context("gRPC server failed")
+    }
+}
+
+async fn stop_serving(
+    reporter: HealthReporter,
+    monitor: tokio::task::JoinHandle<()>,
+    shutdown: impl Future<Output = ()>,
+) {
+    shutdown.await;
+    monitor.abort();
+    health::set_all(&reporter, ServingStatus::NotServing).await;
+    tracing::info!("shutting down");
+}
+
+/// Reflection serves the contract with its google/protobuf and google/rpc
+/// imports and grpc.health, so grpcurl resolves every type with no proto files.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        if let Ok(mut signal) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            signal.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

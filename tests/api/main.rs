@@ -1,0 +1,6 @@
+//! Black-box tests: each starts the real server on port 0 against a fresh
+//! database in the project's PostgreSQL and talks gRPC to it.
+mod audit_write;
+mod health;
+mod helpers;
+mod reflection;

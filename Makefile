@@ -1,0 +1,82 @@
+# datastorage developer entry points. `make run` and `make test` are all a
+# newcomer needs; both install whatever is missing first (scripts/install-deps.sh).
+
+ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+
+# Keep build output out of the work tree (and shared between clones).
+CARGO_TARGET_DIR ?= $(HOME)/.cache/datastorage-target
+export CARGO_TARGET_DIR
+
+PG_PORT     := 55432
+REDIS_PORT  := 56379
+PGBIN       := /usr/lib/postgresql/15/bin
+DB_URL      := postgres://datastorage:datastorage@127.0.0.1:$(PG_PORT)/datastorage
+REDIS_URL   := redis://127.0.0.1:$(REDIS_PORT)
+MODEL_DIR   := $(ROOT)/.cache/models/all-MiniLM-L6-v2
+VENV_PYTHON := $(ROOT)/.cache/venv/bin/python
+
+# Service configuration (figment, `__` separates nesting levels).
+SERVICE_ENV := DATASTORAGE_DATABASE__URL=$(DB_URL) \
+	DATASTORAGE_EMBEDDING__MODEL_DIR=$(MODEL_DIR)
+
+# Integration-test configuration: the admin URL (tests create ds_test_* databases),
+# Redis, the model, the Python client for tests/grpcurl_examples.py.
+TEST_ENV := DATASTORAGE_TEST_DATABASE_URL=$(DB_URL) \
+	DATASTORAGE_TEST_REDIS_URL=$(REDIS_URL) \
+	DATASTORAGE_TEST_MODEL_DIR=$(MODEL_DIR) \
+	DATASTORAGE_TEST_PYTHON=$(VENV_PYTHON)
+
+.PHONY: help deps dev-up dev-down pg-start redis-start migrate run test fmt lint bench
+
+help:
+	@echo "make run       install deps, start PostgreSQL (:$(PG_PORT)), migrate, serve gRPC on :8080"
+	@echo "make test      install deps, start PostgreSQL + Redis, cargo test"
+	@echo "make deps      install system packages, pgvector, the embedding model, the Python venv"
+	@echo "make dev-up    deps + start PostgreSQL (:$(PG_PORT)) and Redis (:$(REDIS_PORT))"
+	@echo "make dev-down  stop PostgreSQL and Redis"
+	@echo "make migrate   apply database migrations"
+	@echo "make fmt       cargo fmt"
+	@echo "make lint      cargo fmt --check + cargo clippy --all-targets -D warnings"
+	@echo "make bench     write benchmark vs plain SQL (release build)"
+
+deps:
+	@$(ROOT)/scripts/install-deps.sh
+	@$(ROOT)/scripts/python-venv.sh
+
+pg-start: deps
+	@$(ROOT)/scripts/pg.sh start
+
+redis-start: deps
+	@$(ROOT)/scripts/redis.sh start
+
+dev-up: pg-start redis-start
+
+dev-down:
+	@$(ROOT)/scripts/pg.sh stop
+	@$(ROOT)/scripts/redis.sh stop
+
+migrate: pg-start
+	$(SERVICE_ENV) cargo run --quiet -- migrate
+
+# No Redis: without one, job status is kept in process (single replica).
+run: migrate
+	$(SERVICE_ENV) cargo run -- serve
+
+test: dev-up
+	@printf '%s\n' \
+	  "SELECT format('DROP DATABASE %I WITH (FORCE)', datname) FROM pg_database WHERE datname LIKE 'ds\_test\_%'" \
+	  '\gexec' \
+	  | PGOPTIONS='-c client_min_messages=warning' $(PGBIN)/psql -X -q -v ON_ERROR_STOP=1 "$(DB_URL)" >/dev/null
+	$(TEST_ENV) cargo test --lib --bins --tests
+
+fmt:
+	cargo fmt
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+# Write throughput and latency vs the same inserts in plain SQL, in one run.
+# BENCH_CLIENTS and BENCH_SECONDS tune it.
+bench: pg-start
+	DATASTORAGE_BENCH_DATABASE_URL=$(DB_URL) DATASTORAGE_BENCH_MODEL_DIR=$(MODEL_DIR) cargo bench --bench write

@@ -39,6 +39,11 @@ CREATE TABLE audit_events (
     source                  text NOT NULL,
     trace_id                text,
     embedding_state         smallint NOT NULL,
+    -- Execution events only: typed copies of payload fields that action
+    -- statistics aggregate, so SQL never parses JSON per row.
+    action_type             text,
+    execution_status        smallint,
+    duration_ms             double precision,
     PRIMARY KEY (id, occurred_at)
 ) PARTITION BY RANGE (occurred_at);
 
@@ -69,16 +74,59 @@ CREATE TABLE pending_embeddings (
     PRIMARY KEY (event_id, model_id)
 );
 
+-- Which event set a fact of the incident projection, and when it happened.
+-- Composite values compare field by field, so "newer" is (occurred_at, then
+-- event id): ties between events with the same occurred_at are settled the
+-- same way whatever order they arrive in.
+CREATE TYPE fact_stamp AS (occurred_at timestamptz, event_id uuid);
+
+-- A label's stamp as text that sorts like the stamp (UTC, fixed width).
+CREATE FUNCTION fact_stamp_key(stamp fact_stamp) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT to_char((stamp).occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '/' || (stamp).event_id::text
+$$;
+
+-- An event's labels as label facts: {"key": {"v": value, "at": stamp key}}.
+CREATE FUNCTION incident_label_facts(labels jsonb, stamp fact_stamp) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(jsonb_object_agg(key, jsonb_build_object('v', value, 'at', fact_stamp_key(stamp))), '{}')
+    FROM jsonb_each(labels)
+$$;
+
+-- Merges two sets of label facts keeping, per key, the newer one. Commutative
+-- and associative, so the merged labels do not depend on arrival order.
+CREATE FUNCTION merge_incident_label_facts(current jsonb, incoming jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(jsonb_object_agg(key, fact), '{}')
+    FROM (SELECT DISTINCT ON (key) key, fact
+          FROM (SELECT key, value AS fact FROM jsonb_each(current)
+                UNION ALL
+                SELECT key, value FROM jsonb_each(incoming)) AS candidates
+          ORDER BY key, fact->>'at' DESC) AS newest
+$$;
+
+-- The plain {"key": "value"} labels of a set of label facts.
+CREATE FUNCTION incident_label_values(facts jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(jsonb_object_agg(key, value->'v'), '{}') FROM jsonb_each(facts)
+$$;
+
 -- The projection of all events sharing a remediation_request_id. Each group
--- of fields remembers the occurred_at of the event that set it, so a late
--- event with an older occurred_at never overwrites newer facts.
+-- of fields remembers the stamp of the event that set it, and is replaced
+-- only by a newer one, so the projection does not depend on arrival order.
 CREATE TABLE incidents (
     id                      uuid PRIMARY KEY,
     remediation_request_id  text NOT NULL UNIQUE,
+    -- From the earliest event.
     correlation_id          text NOT NULL,
     namespace               text NOT NULL,
+    first_stamp             fact_stamp NOT NULL,
+    -- From the earliest event that names a cluster.
     cluster                 text,
-    labels                  jsonb NOT NULL DEFAULT '{}',
+    cluster_stamp           fact_stamp,
+    -- Per key, the value of the newest event that set it: {"key": {"v": value, "at": stamp}}.
+    label_facts             jsonb NOT NULL DEFAULT '{}',
+    labels                  jsonb NOT NULL GENERATED ALWAYS AS (incident_label_values(label_facts)) STORED,
     first_seen_at           timestamptz NOT NULL,
     last_event_at           timestamptz NOT NULL,
     event_count             bigint NOT NULL,
@@ -91,14 +139,18 @@ CREATE TABLE incidents (
     target_namespace        text,
     phase                   smallint,
     resolved_at             timestamptz,
-    remediation_at          timestamptz,
+    remediation_stamp       fact_stamp,
     -- From the latest AI analysis.
     root_cause              text,
-    analysis_at             timestamptz,
+    analysis_stamp          fact_stamp,
     -- From the latest execution.
     action_type             text,
     execution_status        smallint,
-    execution_at            timestamptz
+    execution_stamp         fact_stamp,
+    -- The transactions that created the row and last changed it, so that a
+    -- listing can tell which changes its snapshot saw (set by a trigger).
+    created_xact            xid8 NOT NULL,
+    updated_xact            xid8 NOT NULL
 );
 
 -- Idempotency keys are scoped to the caller that used them.
@@ -163,8 +215,8 @@ END;
 $$;
 
 -- Whether a fact stamped `candidate` replaces one stamped `current` in the
--- incident projection: the newest occurred_at wins, whatever the arrival order.
-CREATE FUNCTION incident_fact_is_newer(candidate timestamptz, current timestamptz) RETURNS boolean
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT candidate IS NOT NULL AND (current IS NULL OR candidate >= current)
+-- incident projection: the newest stamp wins, whatever the arrival order.
+CREATE FUNCTION incident_fact_is_newer(candidate fact_stamp, current fact_stamp) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT candidate IS NOT NULL AND (current IS NULL OR candidate > current)
 $$;

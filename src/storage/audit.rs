@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{incidents, ModelHandle, Storage};
 use crate::{
-    domain::{incident_id_for, AuditEvent, EmbeddingState, RequestId, WriteReceipt},
+    domain::{incident_id_for, AuditEvent, EmbeddingState, Payload, RequestId, WriteReceipt},
     error::CoreError,
 };
 
@@ -143,7 +143,8 @@ impl Storage {
             (&ea.remediation_request_id, ea.occurred_at).cmp(&(&eb.remediation_request_id, eb.occurred_at))
         });
         for index in projected {
-            incidents::apply_event(&mut tx, receipts[index].incident_id, &writes[index].event).await?;
+            let receipt = &receipts[index];
+            incidents::apply_event(&mut tx, receipt.incident_id, receipt.event_id, &writes[index].event).await?;
         }
 
         tx.commit().await?;
@@ -212,10 +213,15 @@ async fn insert_event(
     let event = &write.event;
     let labels = serde_json::to_value(&event.labels).map_err(|e| TxFailure::Fail(CoreError::Internal(e.into())))?;
     let payload = serde_json::to_value(&event.payload).map_err(|e| TxFailure::Fail(CoreError::Internal(e.into())))?;
+    let execution = match &event.payload {
+        Payload::Execution(execution) => Some(execution),
+        _ => None,
+    };
     sqlx::query(
         "INSERT INTO audit_events (id, occurred_at, incident_id, correlation_id, remediation_request_id, namespace, \
-         cluster, kind, labels, parent_event_id, payload, search_text, source, embedding_state) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+         cluster, kind, labels, parent_event_id, payload, search_text, source, embedding_state, action_type, \
+         execution_status, duration_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
     )
     .bind(receipt.event_id)
     .bind(event.occurred_at)
@@ -231,6 +237,9 @@ async fn insert_event(
     .bind(&write.search_text)
     .bind(source)
     .bind(receipt.embedding_state.code())
+    .bind(execution.map(|e| e.action_type.as_str()))
+    .bind(execution.map(|e| e.status.code()))
+    .bind(execution.and_then(|e| e.duration).map(|d| d.as_secs_f64() * 1000.0))
     .execute(&mut **tx)
     .await?;
 

@@ -19,6 +19,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub database: DatabaseSettings,
     pub embedding: EmbeddingSettings,
+    pub query: QuerySettings,
     pub log: LogSettings,
 }
 
@@ -94,6 +95,18 @@ pub struct EmbeddingSettings {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct QuerySettings {
+    /// HMAC key that signs page tokens; at least 32 bytes. Replicas behind one
+    /// address must share it. Unset: a random key per process, so tokens do
+    /// not survive a restart or cross replicas.
+    #[serde(serialize_with = "serialize_optional_secret")]
+    pub page_token_key: Option<SecretString>,
+    /// How long a listing's page tokens stay valid after its first page.
+    pub page_token_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     /// `json` for machines, `pretty` for people.
     pub format: LogFormat,
@@ -111,6 +124,16 @@ pub enum LogFormat {
 pub(crate) fn serialize_secret<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
     use secrecy::ExposeSecret;
     s.serialize_str(secret.expose_secret())
+}
+
+pub(crate) fn serialize_optional_secret<S: serde::Serializer>(
+    secret: &Option<SecretString>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(secret) => serialize_secret(secret, s),
+        None => s.serialize_none(),
+    }
 }
 
 impl Default for Settings {
@@ -141,6 +164,10 @@ impl Default for Settings {
                 batch_window_ms: 2,
                 cache_capacity: 100_000,
                 openai: OpenAiSettings::default(),
+            },
+            query: QuerySettings {
+                page_token_key: None,
+                page_token_ttl_secs: 3600,
             },
             log: LogSettings {
                 format: LogFormat::Json,
@@ -206,6 +233,16 @@ impl Settings {
             !self.embedding.model_name.is_empty(),
             "embedding.model_name must not be empty"
         );
+        if let Some(key) = &self.query.page_token_key {
+            ensure!(
+                key.expose_secret().len() >= 32,
+                "query.page_token_key must be at least 32 bytes"
+            );
+        }
+        ensure!(
+            (60..=7 * 24 * 3600).contains(&self.query.page_token_ttl_secs),
+            "query.page_token_ttl_secs must be within 60..=604800"
+        );
         match self.embedding.provider {
             ProviderKind::Local => ensure!(
                 self.embedding.model_dir.join("model.safetensors").is_file()
@@ -216,6 +253,10 @@ impl Settings {
             ProviderKind::Openai => self.embedding.openai.validate()?,
         }
         Ok(())
+    }
+
+    pub fn page_token_ttl(&self) -> Duration {
+        Duration::from_secs(self.query.page_token_ttl_secs)
     }
 
     pub fn health_check_interval(&self) -> Duration {

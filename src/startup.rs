@@ -11,9 +11,14 @@ use crate::{
     audit::AuditService,
     config::Settings,
     embedding::{self, Embedder, EmbeddingProvider},
-    grpc::audit_write::AuditWriteService,
+    grpc::{audit_write::AuditWriteService, incident_query::IncidentQueryService},
     health::{self, Readiness},
-    proto::{self, v1::audit_write_server::AuditWriteServer},
+    pagination::PageTokens,
+    proto::{
+        self,
+        v1::{audit_write_server::AuditWriteServer, incident_query_server::IncidentQueryServer},
+    },
+    query::IncidentQueries,
     storage::{self, Storage},
 };
 
@@ -23,6 +28,7 @@ pub struct Application {
     settings: Settings,
     storage: Storage,
     audit: Arc<AuditService>,
+    queries: Arc<IncidentQueries>,
 }
 
 impl Application {
@@ -54,6 +60,9 @@ impl Application {
             settings.embedding.failure_policy,
         ));
 
+        let tokens = PageTokens::new(settings.query.page_token_key.as_ref(), settings.page_token_ttl())?;
+        let queries = Arc::new(IncidentQueries::new(storage.clone(), tokens));
+
         let grpc_listener = TcpListener::bind(SocketAddr::new(settings.grpc.host, settings.grpc.port))
             .await
             .with_context(|| format!("binding the gRPC port {}", settings.grpc.port))?;
@@ -66,6 +75,7 @@ impl Application {
             settings,
             storage,
             audit,
+            queries,
         })
     }
 
@@ -90,11 +100,15 @@ impl Application {
             self.settings.health_check_interval(),
         ));
         let http = tokio::spawn(health::serve_http(self.http_listener, readiness));
+        let pruning = tokio::spawn(prune_sort_history(self.storage.clone(), self.settings.page_token_ttl()));
 
         let reflection_v1 = reflection_builder().build_v1()?;
         let reflection_v1alpha = reflection_builder().build_v1alpha()?;
         let max = self.settings.grpc.max_message_bytes;
         let audit_write = AuditWriteServer::new(AuditWriteService::new(self.audit))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        let incident_query = IncidentQueryServer::new(IncidentQueryService::new(self.queries))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
 
@@ -106,10 +120,26 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(audit_write)
+            .add_service(incident_query)
             .serve_with_incoming_shutdown(incoming, stop_serving(reporter, monitor, shutdown))
             .await;
         http.abort();
+        pruning.abort();
         result.context("gRPC server failed")
+    }
+}
+
+/// Listings keep the sort keys incidents had when their first page was
+/// served, for as long as page tokens live; older history is dropped.
+async fn prune_sort_history(storage: Storage, token_ttl: std::time::Duration) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(300));
+    loop {
+        every.tick().await;
+        match storage.prune_incident_sort_history(token_ttl).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::debug!(deleted, "pruned incident sort history"),
+            Err(error) => tracing::warn!(%error, "pruning incident sort history failed"),
+        }
     }
 }
 

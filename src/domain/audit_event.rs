@@ -16,6 +16,8 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_KEY_CHARS: usize = 63;
 pub const MAX_CUSTOM_DATA_BYTES: usize = 256 * 1024;
 pub const MAX_CUSTOM_DATA_DEPTH: usize = 10;
+/// PostgreSQL text and jsonb cannot hold U+0000, so no stored string may.
+pub const NUL_MESSAGE: &str = "must not contain NUL (U+0000) characters";
 /// Clocks drift; an event stamped further ahead than this is a bug in the writer.
 pub const MAX_FUTURE_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
@@ -51,6 +53,18 @@ impl AuditKind {
             AuditKind::Execution => 4,
             AuditKind::Custom => 5,
         }
+    }
+
+    /// None for UNSPECIFIED and numbers the contract does not define.
+    pub fn from_code(code: i32) -> Option<Self> {
+        Some(match code {
+            1 => AuditKind::Remediation,
+            2 => AuditKind::AiAnalysis,
+            3 => AuditKind::Workflow,
+            4 => AuditKind::Execution,
+            5 => AuditKind::Custom,
+            _ => return None,
+        })
     }
 }
 
@@ -237,6 +251,10 @@ impl RequestId {
         }
         if value.chars().count() > MAX_ID_CHARS {
             violations.add(field, format!("must be at most {MAX_ID_CHARS} characters"));
+            return None;
+        }
+        if value.contains('\0') {
+            violations.add(field, NUL_MESSAGE);
             return None;
         }
         Some(RequestId(value))

@@ -2,7 +2,9 @@
 //! contract. They are built only by parsing (`grpc::convert`), so the storage
 //! core never sees protobuf types or unchecked strings.
 mod audit_event;
+mod incident;
 mod violations;
 
 pub use audit_event::*;
+pub use incident::*;
 pub use violations::{FieldViolation, Violations};

@@ -10,9 +10,10 @@ use uuid::Uuid;
 
 use crate::{
     domain::{
-        AiAnalysis, AuditEvent, Custom, EmbeddingVector, Execution, ExecutionStatus, Payload, Phase, Remediation,
-        RequestId, ResourceRef, Severity, Violations, Workflow, WriteRequest, MAX_CUSTOM_DATA_BYTES,
-        MAX_CUSTOM_DATA_DEPTH, MAX_FREE_TEXT_BYTES, MAX_FUTURE_SKEW, MAX_ID_CHARS, MAX_LABELS, MAX_LABEL_KEY_CHARS,
+        self, AiAnalysis, AuditEvent, AuditKind, Custom, EmbeddingVector, Execution, ExecutionStatus, IncidentFilter,
+        IncidentKey, IncidentOrder, Payload, Phase, Remediation, RequestId, ResourceRef, Severity, TimelineQuery,
+        TimelineScope, Violations, Workflow, WriteRequest, MAX_CUSTOM_DATA_BYTES, MAX_CUSTOM_DATA_DEPTH,
+        MAX_FREE_TEXT_BYTES, MAX_FUTURE_SKEW, MAX_ID_CHARS, MAX_LABELS, MAX_LABEL_KEY_CHARS, NUL_MESSAGE,
     },
     proto::v1 as pb,
 };
@@ -32,7 +33,16 @@ fn path(prefix: &str, field: &str) -> String {
     }
 }
 
+/// PostgreSQL cannot store U+0000 in text; refusing it here keeps it from
+/// surfacing as an internal error.
+fn refuse_nul(v: &mut Violations, field: &str, value: &str) {
+    if value.contains('\0') {
+        v.add(field, NUL_MESSAGE);
+    }
+}
+
 fn required_id(v: &mut Violations, field: String, value: String) -> String {
+    refuse_nul(v, &field, &value);
     let chars = value.chars().count();
     if value.trim().is_empty() {
         v.add(field, "is required");
@@ -43,6 +53,7 @@ fn required_id(v: &mut Violations, field: String, value: String) -> String {
 }
 
 fn required_text(v: &mut Violations, field: String, value: String, max_chars: usize) -> String {
+    refuse_nul(v, &field, &value);
     if value.trim().is_empty() {
         v.add(field, "is required");
     } else if value.chars().count() > max_chars {
@@ -52,6 +63,7 @@ fn required_text(v: &mut Violations, field: String, value: String, max_chars: us
 }
 
 fn optional_text(v: &mut Violations, field: String, value: String, max_chars: usize) -> Option<String> {
+    refuse_nul(v, &field, &value);
     if value.chars().count() > max_chars {
         v.add(field, format!("must be at most {max_chars} characters"));
     }
@@ -59,6 +71,7 @@ fn optional_text(v: &mut Violations, field: String, value: String, max_chars: us
 }
 
 fn optional_free_text(v: &mut Violations, field: String, value: String) -> Option<String> {
+    refuse_nul(v, &field, &value);
     if value.len() > MAX_FREE_TEXT_BYTES {
         v.add(
             field,
@@ -238,6 +251,7 @@ fn label_map(
     // Sorted so that the reported violations do not depend on hash order.
     let labels: BTreeMap<String, String> = labels.into_iter().collect();
     for (key, value) in &labels {
+        refuse_nul(v, &format!("{field}[{key:?}]"), &format!("{key}{value}"));
         let key_chars = key.chars().count();
         if key_chars == 0 || key_chars > MAX_LABEL_KEY_CHARS {
             v.add(
@@ -398,6 +412,10 @@ fn custom(v: &mut Violations, prefix: &str, c: pb::CustomAudit) -> Option<Custom
             return None;
         }
         match struct_to_json(data, 1) {
+            Ok(json) if holds_nul(&json) => {
+                v.add(&data_field, NUL_MESSAGE);
+                None
+            }
             Ok(json) => Some(json),
             Err(()) => {
                 v.add(
@@ -416,6 +434,15 @@ fn custom(v: &mut Violations, prefix: &str, c: pb::CustomAudit) -> Option<Custom
         data,
         text,
     })
+}
+
+fn holds_nul(json: &serde_json::Value) -> bool {
+    match json {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(holds_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
 }
 
 /// google.protobuf.Struct → JSON, refusing nesting deeper than the contract allows.
@@ -451,4 +478,190 @@ fn value_to_json(value: prost_types::Value, depth: usize) -> Result<serde_json::
             )
         }
     })
+}
+
+/// IncidentFilter, shared by ListIncidents, GetActionStats and (later) search.
+pub fn incident_filter(v: &mut Violations, prefix: &str, filter: Option<pb::IncidentFilter>) -> IncidentFilter {
+    let Some(pb::IncidentFilter {
+        alert_name,
+        severities,
+        action_type,
+        namespace,
+        cluster,
+        phases,
+        since,
+        until,
+        labels,
+    }) = filter
+    else {
+        return IncidentFilter::default();
+    };
+    let mut text = |field: &str, value: String| optional_text(v, path(prefix, field), value, MAX_ID_CHARS);
+    let (alert_name, action_type, namespace, cluster) = (
+        text("alert_name", alert_name),
+        text("action_type", action_type),
+        text("namespace", namespace),
+        text("cluster", cluster),
+    );
+    let severities = severities
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, code)| {
+            enum_value(
+                v,
+                format!("{}[{i}]", path(prefix, "severities")),
+                code,
+                Severity::from_code,
+            )
+        })
+        .collect();
+    let phases = phases
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, code)| enum_value(v, format!("{}[{i}]", path(prefix, "phases")), code, Phase::from_code))
+        .collect();
+    let since = since.and_then(|t| timestamp(v, &path(prefix, "since"), t));
+    let until = until.and_then(|t| timestamp(v, &path(prefix, "until"), t));
+    if let (Some(since), Some(until)) = (since, until) {
+        if until <= since {
+            v.add(path(prefix, "until"), "must be after since");
+        }
+    }
+    let labels = label_map(v, &path(prefix, "labels"), labels);
+    IncidentFilter {
+        alert_name,
+        severities,
+        action_type,
+        namespace,
+        cluster,
+        phases,
+        since,
+        until,
+        labels,
+    }
+}
+
+fn page_size(v: &mut Violations, field: &str, requested: i32) -> usize {
+    domain::page_size(requested).unwrap_or_else(|| {
+        v.add(field, "must not be negative (0 means the default of 50)");
+        domain::DEFAULT_PAGE_SIZE
+    })
+}
+
+pub struct ListIncidents {
+    pub filter: IncidentFilter,
+    pub order: IncidentOrder,
+    pub page_size: usize,
+    pub page_token: String,
+}
+
+pub fn list_incidents(request: pb::ListIncidentsRequest) -> Result<ListIncidents, Violations> {
+    let pb::ListIncidentsRequest {
+        filter,
+        page_size: requested,
+        page_token,
+        order_by,
+    } = request;
+    let mut v = Violations::new();
+    let filter = incident_filter(&mut v, "filter", filter);
+    let page_size = page_size(&mut v, "page_size", requested);
+    let order = IncidentOrder::parse(&order_by).unwrap_or_else(|| {
+        v.add(
+            "order_by",
+            "must be one of \"last_event_at desc\" (default), \"last_event_at asc\", \"first_seen_at desc\", \"first_seen_at asc\"",
+        );
+        IncidentOrder::default()
+    });
+    v.into_result(|| ListIncidents {
+        filter,
+        order,
+        page_size,
+        page_token,
+    })
+}
+
+fn uuid_field(v: &mut Violations, field: &str, value: &str) -> Option<Uuid> {
+    let parsed = Uuid::try_parse(value.trim()).ok();
+    if parsed.is_none() {
+        v.add(field, "must be a UUID");
+    }
+    parsed
+}
+
+pub fn incident_key(request: pb::GetIncidentRequest) -> Result<IncidentKey, Violations> {
+    use pb::get_incident_request::Key;
+    let mut v = Violations::new();
+    let key = match request.key {
+        Some(Key::Id(id)) => uuid_field(&mut v, "id", &id).map(IncidentKey::Id),
+        Some(Key::RemediationRequestId(rrid)) => Some(IncidentKey::RemediationRequestId(required_id(
+            &mut v,
+            "remediation_request_id".into(),
+            rrid,
+        ))),
+        None => {
+            v.add("key", "set id or remediation_request_id");
+            None
+        }
+    };
+    match key {
+        Some(key) if v.is_empty() => Ok(key),
+        _ => Err(v),
+    }
+}
+
+pub struct ListAuditEvents {
+    pub query: TimelineQuery,
+    pub page_size: usize,
+    pub page_token: String,
+}
+
+pub fn list_audit_events(request: pb::ListAuditEventsRequest) -> Result<ListAuditEvents, Violations> {
+    use pb::list_audit_events_request::Scope;
+    let pb::ListAuditEventsRequest {
+        scope,
+        kinds,
+        page_size: requested,
+        page_token,
+    } = request;
+    let mut v = Violations::new();
+    let scope = match scope {
+        Some(Scope::IncidentId(id)) => uuid_field(&mut v, "incident_id", &id).map(TimelineScope::Incident),
+        Some(Scope::RemediationRequestId(rrid)) => Some(TimelineScope::RemediationRequest(required_id(
+            &mut v,
+            "remediation_request_id".into(),
+            rrid,
+        ))),
+        Some(Scope::CorrelationId(id)) => Some(TimelineScope::Correlation(required_id(
+            &mut v,
+            "correlation_id".into(),
+            id,
+        ))),
+        None => {
+            v.add("scope", "set incident_id, remediation_request_id or correlation_id");
+            None
+        }
+    };
+    let mut kinds: Vec<AuditKind> = kinds
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, code)| enum_value(&mut v, format!("kinds[{i}]"), code, AuditKind::from_code))
+        .collect();
+    // Canonical, so that the same kinds in another order continue the listing.
+    kinds.sort_by_key(|k| k.code());
+    kinds.dedup();
+    let page_size = page_size(&mut v, "page_size", requested);
+    match scope {
+        Some(scope) if v.is_empty() => Ok(ListAuditEvents {
+            query: TimelineQuery { scope, kinds },
+            page_size,
+            page_token,
+        }),
+        _ => Err(v),
+    }
+}
+
+pub fn action_stats_filter(request: pb::GetActionStatsRequest) -> Result<IncidentFilter, Violations> {
+    let mut v = Violations::new();
+    let filter = incident_filter(&mut v, "filter", request.filter);
+    v.into_result(|| filter)
 }

@@ -1,7 +1,10 @@
 //! Transport: gRPC services. Each handler parses protobuf into domain types
-//! (`convert`), calls the core, and maps the result; nothing else lives here.
+//! (`convert`), calls the core, and renders the result (`render`); nothing
+//! else lives here.
 pub mod audit_write;
 pub mod convert;
+pub mod incident_query;
+pub mod render;
 pub mod status;
 
 /// The caller recorded as an event's `source` until authentication lands.

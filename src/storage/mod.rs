@@ -2,6 +2,7 @@
 //! hand it validated domain values; it never sees protobuf types.
 mod audit;
 mod incidents;
+mod queries;
 
 use std::{
     collections::HashSet,

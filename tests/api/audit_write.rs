@@ -188,6 +188,12 @@ fn rules() -> Vec<(&'static str, Mutation)> {
         ("event.namespace", |r| event_of(r).namespace.clear()),
         ("event.namespace", |r| event_of(r).namespace = "n".repeat(256)),
         ("event.cluster", |r| event_of(r).cluster = "c".repeat(256)),
+        // PostgreSQL text cannot hold NUL: refused at the edge, not an internal error.
+        ("event.namespace", |r| event_of(r).namespace = "pay\0ments".into()),
+        ("event.labels[\"team\"]", |r| {
+            event_of(r).labels = [("team".to_owned(), "a\0b".to_owned())].into()
+        }),
+        ("request_id", |r| r.request_id = "key\0".into()),
         ("event.labels", |r| {
             event_of(r).labels = (0..65).map(|i| (format!("k{i}"), "v".to_owned())).collect()
         }),
@@ -405,6 +411,21 @@ fn rules() -> Vec<(&'static str, Mutation)> {
                 r,
                 Payload::Custom(pb::CustomAudit {
                     data: Some(nested_struct(11)),
+                    ..custom("")
+                }),
+            )
+        }),
+        ("event.custom.data", |r| {
+            let nul = prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("a\0b".into())),
+            };
+            let data = prost_types::Struct {
+                fields: [("note".to_owned(), nul)].into(),
+            };
+            set_payload(
+                r,
+                Payload::Custom(pb::CustomAudit {
+                    data: Some(data),
                     ..custom("")
                 }),
             )

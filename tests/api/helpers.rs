@@ -223,3 +223,11 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
         .map(|v| v.field)
         .collect()
 }
+
+impl TestApp {
+    pub async fn incident_query_client(
+        &self,
+    ) -> datastorage::proto::v1::incident_query_client::IncidentQueryClient<Channel> {
+        datastorage::proto::v1::incident_query_client::IncidentQueryClient::new(self.channel().await)
+    }
+}

@@ -3,4 +3,6 @@
 mod audit_write;
 mod health;
 mod helpers;
+mod incident_plans;
+mod incident_query;
 mod reflection;

@@ -1,0 +1,252 @@
+//! Domain → protobuf for answers. Destructuring by name keeps every domain
+//! field accounted for, as `convert` does in the other direction.
+use chrono::{DateTime, Utc};
+
+use crate::{
+    domain::{
+        ActionStats, AiAnalysis, AuditEvent, Custom, Execution, Incident, Payload, Remediation, ResourceRef,
+        StoredEvent, Workflow,
+    },
+    proto::v1 as pb,
+};
+
+pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn resource(r: ResourceRef) -> pb::ResourceRef {
+    let ResourceRef { kind, name, namespace } = r;
+    pb::ResourceRef {
+        kind,
+        name,
+        namespace: namespace.unwrap_or_default(),
+    }
+}
+
+pub fn incident(incident: Incident) -> pb::Incident {
+    let Incident {
+        id,
+        remediation_request_id,
+        correlation_id,
+        alert_name,
+        severity,
+        signal_type,
+        namespace,
+        cluster,
+        target,
+        root_cause,
+        action_type,
+        phase,
+        execution_status,
+        first_seen_at,
+        last_event_at,
+        resolved_at,
+        event_count,
+        labels,
+    } = incident;
+    pb::Incident {
+        id: id.to_string(),
+        remediation_request_id,
+        correlation_id,
+        alert_name: alert_name.unwrap_or_default(),
+        severity: severity.map_or(0, |s| s.code().into()),
+        signal_type: signal_type.unwrap_or_default(),
+        namespace,
+        cluster: cluster.unwrap_or_default(),
+        target: target.map(resource),
+        root_cause: root_cause.unwrap_or_default(),
+        action_type: action_type.unwrap_or_default(),
+        phase: phase.map_or(0, |p| p.code().into()),
+        execution_status: execution_status.map_or(0, |s| s.code().into()),
+        first_seen_at: Some(timestamp(first_seen_at)),
+        last_event_at: Some(timestamp(last_event_at)),
+        resolved_at: resolved_at.map(timestamp),
+        event_count,
+        labels: labels.into_iter().collect(),
+    }
+}
+
+pub fn audit_event(event: AuditEvent) -> pb::AuditEvent {
+    let AuditEvent {
+        correlation_id,
+        remediation_request_id,
+        occurred_at,
+        namespace,
+        cluster,
+        labels,
+        parent_event_id,
+        payload,
+    } = event;
+    pb::AuditEvent {
+        correlation_id,
+        remediation_request_id,
+        occurred_at: Some(timestamp(occurred_at)),
+        namespace,
+        cluster: cluster.unwrap_or_default(),
+        labels: labels.into_iter().collect(),
+        parent_event_id: parent_event_id.map(|id| id.to_string()).unwrap_or_default(),
+        payload: Some(audit_payload(payload)),
+    }
+}
+
+fn audit_payload(payload: Payload) -> pb::audit_event::Payload {
+    use pb::audit_event::Payload as P;
+    match payload {
+        Payload::Remediation(Remediation {
+            signal_type,
+            signal_name,
+            severity,
+            target,
+            phase,
+            message,
+            started_at,
+            completed_at,
+            priority,
+        }) => P::Remediation(pb::RemediationAudit {
+            signal_type,
+            signal_name,
+            severity: severity.code().into(),
+            target: Some(resource(target)),
+            phase: phase.code().into(),
+            message: message.unwrap_or_default(),
+            started_at: started_at.map(timestamp),
+            completed_at: completed_at.map(timestamp),
+            priority: priority.unwrap_or_default(),
+        }),
+        Payload::AiAnalysis(AiAnalysis {
+            root_cause,
+            recommended_action,
+            confidence,
+            reasoning,
+            model,
+        }) => P::AiAnalysis(pb::AiAnalysisAudit {
+            root_cause,
+            recommended_action,
+            confidence,
+            reasoning: reasoning.unwrap_or_default(),
+            model: model.unwrap_or_default(),
+        }),
+        Payload::Workflow(Workflow {
+            workflow_id,
+            step_name,
+            status,
+            duration: elapsed,
+            error_message,
+        }) => P::Workflow(pb::WorkflowAudit {
+            workflow_id,
+            step_name,
+            status: status.code().into(),
+            duration: elapsed.map(duration),
+            error_message: error_message.unwrap_or_default(),
+        }),
+        Payload::Execution(Execution {
+            action_type,
+            target,
+            status,
+            duration: elapsed,
+            error_message,
+        }) => P::Execution(pb::ExecutionAudit {
+            action_type,
+            target: Some(resource(target)),
+            status: status.code().into(),
+            duration: elapsed.map(duration),
+            error_message: error_message.unwrap_or_default(),
+        }),
+        Payload::Custom(Custom {
+            event_type,
+            action,
+            outcome,
+            data,
+            text,
+        }) => P::Custom(pb::CustomAudit {
+            event_type,
+            action: action.unwrap_or_default(),
+            outcome: outcome.unwrap_or_default(),
+            data: data.and_then(json_to_struct),
+            text: text.unwrap_or_default(),
+        }),
+    }
+}
+
+pub fn stored_event(stored: StoredEvent) -> pb::StoredAuditEvent {
+    let StoredEvent {
+        event_id,
+        incident_id,
+        event,
+        received_at,
+        source,
+        embedding_state,
+        trace_id,
+    } = stored;
+    pb::StoredAuditEvent {
+        event_id: event_id.to_string(),
+        incident_id: incident_id.to_string(),
+        event: Some(audit_event(event)),
+        received_at: Some(timestamp(received_at)),
+        source,
+        embedding_state: embedding_state.code().into(),
+        trace_id: trace_id.unwrap_or_default(),
+        // The hash chain and legal holds arrive with the audit-integrity work.
+        event_hash: String::new(),
+        previous_event_hash: String::new(),
+        legal_hold: false,
+    }
+}
+
+pub fn action_stats(stats: ActionStats) -> pb::ActionStats {
+    let ActionStats {
+        action_type,
+        total,
+        succeeded,
+        failed,
+        success_rate,
+        mean_duration,
+        p50_duration,
+        p95_duration,
+    } = stats;
+    pb::ActionStats {
+        action_type,
+        total,
+        succeeded,
+        failed,
+        success_rate,
+        mean_duration: mean_duration.map(duration),
+        p50_duration: p50_duration.map(duration),
+        p95_duration: p95_duration.map(duration),
+    }
+}
+
+/// Custom data was a google.protobuf.Struct on the way in, so it is a JSON object.
+fn json_to_struct(value: serde_json::Value) -> Option<prost_types::Struct> {
+    match value {
+        serde_json::Value::Object(map) => Some(prost_types::Struct {
+            fields: map.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+        }),
+        _ => None,
+    }
+}
+
+fn json_to_value(value: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(json_to_value).collect(),
+        }),
+        object @ serde_json::Value::Object(_) => Kind::StructValue(json_to_struct(object).unwrap_or_default()),
+    };
+    prost_types::Value { kind: Some(kind) }
+}

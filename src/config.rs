@@ -20,6 +20,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub embedding: EmbeddingSettings,
     pub query: QuerySettings,
+    pub search: SearchSettings,
     pub log: LogSettings,
 }
 
@@ -105,6 +106,43 @@ pub struct QuerySettings {
     pub page_token_ttl_secs: u64,
 }
 
+/// pgvector's `hnsw.iterative_scan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IterativeScan {
+    Off,
+    StrictOrder,
+    RelaxedOrder,
+}
+
+impl IterativeScan {
+    pub fn as_sql(self) -> &'static str {
+        match self {
+            IterativeScan::Off => "off",
+            IterativeScan::StrictOrder => "strict_order",
+            IterativeScan::RelaxedOrder => "relaxed_order",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSettings {
+    /// HNSW candidate list size per scan (`hnsw.ef_search`): recall vs latency.
+    pub ef_search: u32,
+    /// Keep scanning the index while filters reject candidates (`hnsw.iterative_scan`).
+    pub iterative_scan: IterativeScan,
+    /// Upper bound on index tuples one iterative scan visits (`hnsw.max_scan_tuples`).
+    pub max_scan_tuples: u32,
+    /// When a filter matches at most this many events, they are compared
+    /// exactly instead of walking the index.
+    pub exact_scan_threshold: u32,
+    /// Reciprocal rank fusion constant of hybrid search.
+    pub rrf_k: u32,
+    /// Candidates each ranking contributes to hybrid fusion (at least top_k).
+    pub hybrid_candidates: u32,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
@@ -168,6 +206,14 @@ impl Default for Settings {
             query: QuerySettings {
                 page_token_key: None,
                 page_token_ttl_secs: 3600,
+            },
+            search: SearchSettings {
+                ef_search: 100,
+                iterative_scan: IterativeScan::RelaxedOrder,
+                max_scan_tuples: 20_000,
+                exact_scan_threshold: 2_000,
+                rrf_k: 60,
+                hybrid_candidates: 100,
             },
             log: LogSettings {
                 format: LogFormat::Json,
@@ -242,6 +288,19 @@ impl Settings {
         ensure!(
             (60..=7 * 24 * 3600).contains(&self.query.page_token_ttl_secs),
             "query.page_token_ttl_secs must be within 60..=604800"
+        );
+        ensure!(
+            (1..=1000).contains(&self.search.ef_search),
+            "search.ef_search must be within 1..=1000"
+        );
+        ensure!(
+            self.search.max_scan_tuples >= 1,
+            "search.max_scan_tuples must be at least 1"
+        );
+        ensure!(self.search.rrf_k >= 1, "search.rrf_k must be at least 1");
+        ensure!(
+            (1..=1000).contains(&self.search.hybrid_candidates),
+            "search.hybrid_candidates must be within 1..=1000"
         );
         match self.embedding.provider {
             ProviderKind::Local => ensure!(

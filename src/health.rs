@@ -16,7 +16,11 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 use crate::storage::Storage;
 
 /// Fully-qualified names of the gRPC services this build serves.
-pub const SERVED_SERVICES: &[&str] = &["datastorage.v1.AuditWrite", "datastorage.v1.IncidentQuery"];
+pub const SERVED_SERVICES: &[&str] = &[
+    "datastorage.v1.AuditWrite",
+    "datastorage.v1.IncidentQuery",
+    "datastorage.v1.VectorSearch",
+];
 
 #[derive(Clone, Default)]
 pub struct Readiness(Arc<AtomicBool>);

@@ -22,6 +22,7 @@ pub mod health;
 pub mod pagination;
 pub mod proto;
 pub mod query;
+pub mod search;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;

@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
             app.run_until_stopped(shutdown_signal()).await
         }
         Command::Migrate => {
-            let pool = storage::pool(&settings.database)?;
+            let pool = storage::pool(&settings.database, &settings.search)?;
             storage::MIGRATOR.run(&pool).await.context("running migrations")?;
             tracing::info!("migrations applied");
             Ok(())

@@ -11,14 +11,18 @@ use crate::{
     audit::AuditService,
     config::Settings,
     embedding::{self, Embedder, EmbeddingProvider},
-    grpc::{audit_write::AuditWriteService, incident_query::IncidentQueryService},
+    grpc::{audit_write::AuditWriteService, incident_query::IncidentQueryService, vector_search::VectorSearchService},
     health::{self, Readiness},
     pagination::PageTokens,
     proto::{
         self,
-        v1::{audit_write_server::AuditWriteServer, incident_query_server::IncidentQueryServer},
+        v1::{
+            audit_write_server::AuditWriteServer, incident_query_server::IncidentQueryServer,
+            vector_search_server::VectorSearchServer,
+        },
     },
     query::IncidentQueries,
+    search::SearchService,
     storage::{self, Storage},
 };
 
@@ -29,6 +33,7 @@ pub struct Application {
     storage: Storage,
     audit: Arc<AuditService>,
     queries: Arc<IncidentQueries>,
+    search: Arc<SearchService>,
 }
 
 impl Application {
@@ -40,7 +45,7 @@ impl Application {
 
     /// Builds with a given provider (tests share one loaded model across servers).
     pub async fn build_with_provider(settings: Settings, provider: Arc<dyn EmbeddingProvider>) -> anyhow::Result<Self> {
-        let storage = Storage::new(storage::pool(&settings.database)?);
+        let storage = Storage::new(storage::pool(&settings.database, &settings.search)?);
         if settings.database.migrate_on_start {
             storage::MIGRATOR
                 .run(storage.pool())
@@ -53,6 +58,11 @@ impl Application {
             .await
             .context("registering the embedding model")?;
         let embedder = Arc::new(Embedder::new(provider, &settings.embedding));
+        let search = Arc::new(SearchService::new(
+            storage.clone(),
+            embedder.clone(),
+            settings.search.clone(),
+        ));
         let audit = Arc::new(AuditService::new(
             storage.clone(),
             embedder,
@@ -76,6 +86,7 @@ impl Application {
             storage,
             audit,
             queries,
+            search,
         })
     }
 
@@ -111,6 +122,9 @@ impl Application {
         let incident_query = IncidentQueryServer::new(IncidentQueryService::new(self.queries))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+        let vector_search = VectorSearchServer::new(VectorSearchService::new(self.search))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
 
         let address = self.grpc_listener.local_addr()?;
         tracing::info!(%address, "gRPC listening");
@@ -121,6 +135,7 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(audit_write)
             .add_service(incident_query)
+            .add_service(vector_search)
             .serve_with_incoming_shutdown(incoming, stop_serving(reporter, monitor, shutdown))
             .await;
         http.abort();

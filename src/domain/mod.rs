@@ -3,8 +3,10 @@
 //! core never sees protobuf types or unchecked strings.
 mod audit_event;
 mod incident;
+mod search;
 mod violations;
 
 pub use audit_event::*;
 pub use incident::*;
+pub use search::*;
 pub use violations::{FieldViolation, Violations};

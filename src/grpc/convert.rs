@@ -11,9 +11,10 @@ use uuid::Uuid;
 use crate::{
     domain::{
         self, AiAnalysis, AuditEvent, AuditKind, Custom, EmbeddingVector, Execution, ExecutionStatus, IncidentFilter,
-        IncidentKey, IncidentOrder, Payload, Phase, Remediation, RequestId, ResourceRef, Severity, TimelineQuery,
-        TimelineScope, Violations, Workflow, WriteRequest, MAX_CUSTOM_DATA_BYTES, MAX_CUSTOM_DATA_DEPTH,
-        MAX_FREE_TEXT_BYTES, MAX_FUTURE_SKEW, MAX_ID_CHARS, MAX_LABELS, MAX_LABEL_KEY_CHARS, NUL_MESSAGE,
+        IncidentKey, IncidentOrder, Payload, Phase, Remediation, RequestId, ResourceRef, SearchInput, SearchMode,
+        SearchRequest, Severity, TimelineQuery, TimelineScope, Violations, Workflow, WriteRequest, DEFAULT_TOP_K,
+        MAX_CUSTOM_DATA_BYTES, MAX_CUSTOM_DATA_DEPTH, MAX_FREE_TEXT_BYTES, MAX_FUTURE_SKEW, MAX_ID_CHARS, MAX_LABELS,
+        MAX_LABEL_KEY_CHARS, MAX_TOP_K, NUL_MESSAGE,
     },
     proto::v1 as pb,
 };
@@ -664,4 +665,87 @@ pub fn action_stats_filter(request: pb::GetActionStatsRequest) -> Result<Inciden
     let mut v = Violations::new();
     let filter = incident_filter(&mut v, "filter", request.filter);
     v.into_result(|| filter)
+}
+
+pub fn search_request(request: pb::SearchSimilarRequest) -> Result<SearchRequest, Violations> {
+    use pb::search_similar_request::Query;
+    let pb::SearchSimilarRequest {
+        query,
+        top_k,
+        min_similarity,
+        filter,
+        kinds,
+        group_by_incident,
+        mode,
+        model,
+    } = request;
+    let mut v = Violations::new();
+    let input = match query {
+        Some(Query::Text(text)) => {
+            let text = required_free_text(&mut v, "text".into(), text);
+            Some(SearchInput::Text(text))
+        }
+        Some(Query::Vector(pb::Vector { values })) => {
+            // The dimension is the searched model's, checked once it is known.
+            if values.is_empty() {
+                v.add("vector.values", "is required");
+            } else if let Some(index) = values.iter().position(|x| !x.is_finite()) {
+                v.add(format!("vector.values[{index}]"), "must be a finite number");
+            } else if values.iter().all(|x| *x == 0.0) {
+                v.add("vector.values", "must not be all zeros: a zero vector has no direction");
+            }
+            Some(SearchInput::Vector(values))
+        }
+        Some(Query::EventId(id)) => uuid_field(&mut v, "event_id", &id).map(SearchInput::Event),
+        None => {
+            v.add("query", "set text, vector or event_id");
+            None
+        }
+    };
+    let top_k = match top_k {
+        0 => DEFAULT_TOP_K,
+        k if (1..=MAX_TOP_K as i32).contains(&k) => k as usize,
+        _ => {
+            v.add(
+                "top_k",
+                format!("must be within 1..={MAX_TOP_K} (0 means {DEFAULT_TOP_K})"),
+            );
+            DEFAULT_TOP_K
+        }
+    };
+    if let Some(min) = min_similarity {
+        if !(-1.0..=1.0).contains(&min) {
+            v.add("min_similarity", "must be a cosine similarity within [-1, 1]");
+        }
+    }
+    let filter = incident_filter(&mut v, "filter", filter);
+    let mut kinds: Vec<AuditKind> = kinds
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, code)| enum_value(&mut v, format!("kinds[{i}]"), code, AuditKind::from_code))
+        .collect();
+    kinds.sort_by_key(|k| k.code());
+    kinds.dedup();
+    let mode = match mode {
+        0 | 1 => SearchMode::Vector,
+        2 => SearchMode::Hybrid,
+        other => {
+            v.add("mode", format!("unknown value {other}"));
+            SearchMode::Vector
+        }
+    };
+    let model = optional_text(&mut v, "model".into(), model, MAX_ID_CHARS);
+    match input {
+        Some(input) if v.is_empty() => Ok(SearchRequest {
+            input,
+            top_k,
+            min_similarity,
+            filter,
+            kinds,
+            group_by_incident,
+            mode,
+            model,
+        }),
+        _ => Err(v),
+    }
 }

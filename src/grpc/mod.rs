@@ -6,6 +6,7 @@ pub mod convert;
 pub mod incident_query;
 pub mod render;
 pub mod status;
+pub mod vector_search;
 
 /// The caller recorded as an event's `source` until authentication lands.
 pub const ANONYMOUS_SOURCE: &str = "anonymous";

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     domain::{
-        ActionStats, AiAnalysis, AuditEvent, Custom, Execution, Incident, Payload, Remediation, ResourceRef,
+        ActionStats, AiAnalysis, AuditEvent, Custom, Execution, Incident, Payload, Remediation, ResourceRef, SearchHit,
         StoredEvent, Workflow,
     },
     proto::v1 as pb,
@@ -249,4 +249,14 @@ fn json_to_value(value: serde_json::Value) -> prost_types::Value {
         object @ serde_json::Value::Object(_) => Kind::StructValue(json_to_struct(object).unwrap_or_default()),
     };
     prost_types::Value { kind: Some(kind) }
+}
+
+pub fn search_hit(hit: SearchHit) -> pb::SearchHit {
+    let SearchHit { event, similarity } = hit;
+    pb::SearchHit {
+        event_id: event.event_id.to_string(),
+        incident_id: event.incident_id.to_string(),
+        similarity,
+        event: Some(stored_event(event)),
+    }
 }

@@ -3,20 +3,29 @@
 mod audit;
 mod incidents;
 mod queries;
+mod search;
 
 use std::{
     collections::HashSet,
+    str::FromStr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use chrono::{DateTime, Datelike, Utc};
 use secrecy::ExposeSecret;
-use sqlx::{postgres::PgPoolOptions, PgPool};
+use sqlx::{
+    postgres::{PgConnectOptions, PgPoolOptions},
+    PgPool,
+};
 
 pub use audit::{EmbeddingDecision, PreparedWrite};
+pub use search::{EventKey, Ranked, SearchScope, Strategy};
 
-use crate::{config::DatabaseSettings, error::CoreError};
+use crate::{
+    config::{DatabaseSettings, SearchSettings},
+    error::CoreError,
+};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -38,11 +47,21 @@ pub struct Storage {
 
 /// A pool that connects lazily: the server starts, and reports NOT_SERVING,
 /// while PostgreSQL is down, instead of failing to start.
-pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+///
+/// Session settings travel in the startup packet, so they cost no round trip:
+/// the HNSW search parameters, and no JIT (compiling a plan costs tens of
+/// milliseconds, more than any query this service runs should take).
+pub fn pool(settings: &DatabaseSettings, search: &SearchSettings) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(settings.url.expose_secret())?.options([
+        ("jit", "off".to_owned()),
+        ("hnsw.ef_search", search.ef_search.to_string()),
+        ("hnsw.iterative_scan", search.iterative_scan.as_sql().to_owned()),
+        ("hnsw.max_scan_tuples", search.max_scan_tuples.to_string()),
+    ]);
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
-        .connect_lazy(settings.url.expose_secret())?)
+        .connect_lazy_with(options))
 }
 
 impl Storage {

@@ -21,6 +21,10 @@ const INCIDENT_COLUMNS: &str = "i.id, i.remediation_request_id, i.correlation_id
     i.action_type, i.phase, i.execution_status, i.first_seen_at, i.last_event_at, i.resolved_at, i.event_count, \
     i.labels";
 
+pub(super) const EVENT_COLUMNS: &str = "e.id, e.incident_id, e.occurred_at, e.correlation_id, \
+    e.remediation_request_id, e.namespace, e.cluster, e.labels, e.parent_event_id, e.payload, e.received_at, \
+    e.source, e.embedding_state, e.trace_id";
+
 #[derive(FromRow)]
 struct IncidentRow {
     id: Uuid,
@@ -87,8 +91,8 @@ impl From<IncidentRow> for Incident {
 }
 
 #[derive(FromRow)]
-struct EventRow {
-    id: Uuid,
+pub(super) struct EventRow {
+    pub(super) id: Uuid,
     incident_id: Uuid,
     occurred_at: DateTime<Utc>,
     correlation_id: String,
@@ -129,7 +133,7 @@ impl From<EventRow> for StoredEvent {
 
 /// Appends `AND …` for every set filter field. `last_event_at` is the
 /// expression the time range applies to (the snapshot's value in listings).
-fn push_filter(qb: &mut QueryBuilder<Postgres>, filter: &IncidentFilter, last_event_at: &'static str) {
+pub(super) fn push_filter(qb: &mut QueryBuilder<Postgres>, filter: &IncidentFilter, last_event_at: &'static str) {
     let IncidentFilter {
         alert_name,
         severities,
@@ -329,11 +333,7 @@ impl Storage {
         page_size: usize,
         after: Option<Cursor>,
     ) -> Result<Page<StoredEvent>, CoreError> {
-        let mut qb = QueryBuilder::new(
-            "SELECT e.id, e.incident_id, e.occurred_at, e.correlation_id, e.remediation_request_id, e.namespace, \
-             e.cluster, e.labels, e.parent_event_id, e.payload, e.received_at, e.source, e.embedding_state, \
-             e.trace_id FROM audit_events e WHERE ",
-        );
+        let mut qb = QueryBuilder::new(format!("SELECT {EVENT_COLUMNS} FROM audit_events e WHERE "));
         match &query.scope {
             TimelineScope::Incident(id) => qb.push("e.incident_id = ").push_bind(*id),
             TimelineScope::RemediationRequest(rrid) => qb.push("e.remediation_request_id = ").push_bind(rrid.clone()),

@@ -231,3 +231,9 @@ impl TestApp {
         datastorage::proto::v1::incident_query_client::IncidentQueryClient::new(self.channel().await)
     }
 }
+
+impl TestApp {
+    pub async fn search_client(&self) -> datastorage::proto::v1::vector_search_client::VectorSearchClient<Channel> {
+        datastorage::proto::v1::vector_search_client::VectorSearchClient::new(self.channel().await)
+    }
+}

@@ -6,3 +6,4 @@ mod helpers;
 mod incident_plans;
 mod incident_query;
 mod reflection;
+mod vector_search;

@@ -6,6 +6,12 @@
 //! the predicate literally, so the model's id and dimension are written into
 //! the SQL as integers. Both come from the embedding_models table, never from
 //! a request; everything a caller sends is a bound parameter.
+//!
+//! Scans join events to embeddings on the event id alone (ids are unique;
+//! occurred_at only routes to a partition). With occurred_at in the join too,
+//! PostgreSQL multiplies the two equalities' selectivities, expects one row,
+//! and prefers sorting a full hash join to walking the HNSW index: 100k
+//! events took ~370 ms instead of milliseconds.
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -144,7 +150,7 @@ impl Storage {
     ) -> Result<Vec<EventKey>, CoreError> {
         let mut qb = QueryBuilder::new(format!(
             "SELECT e.id, e.occurred_at FROM audit_events e{} \
-             JOIN audit_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
+             JOIN audit_embeddings emb ON emb.event_id = e.id \
                   AND emb.model_id = {} WHERE true",
             incident_join(scope),
             model.id
@@ -184,7 +190,7 @@ impl Storage {
                     .push_bind(vector)
                     .push(format_args!(
                         " AS distance FROM audit_embeddings emb \
-                         JOIN audit_events e ON e.id = emb.event_id AND e.occurred_at = emb.occurred_at{} \
+                         JOIN audit_events e ON e.id = emb.event_id{} \
                          WHERE emb.model_id = {id}",
                         incident_join(scope)
                     ));
@@ -215,7 +221,7 @@ impl Storage {
                 .push_bind(vector.clone())
                 .push(format_args!(
                     "::vector({dims}) AS distance FROM audit_embeddings emb \
-                     JOIN audit_events e ON e.id = emb.event_id AND e.occurred_at = emb.occurred_at{} \
+                     JOIN audit_events e ON e.id = emb.event_id{} \
                      WHERE emb.model_id = {id}",
                     incident_join(scope)
                 ));

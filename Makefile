@@ -37,7 +37,7 @@ help:
 	@echo "make migrate   apply database migrations"
 	@echo "make fmt       cargo fmt"
 	@echo "make lint      cargo fmt --check + cargo clippy --all-targets -D warnings"
-	@echo "make bench     write benchmark vs plain SQL (release build)"
+	@echo "make bench     write and read benchmarks vs plain SQL (release build)"
 
 deps:
 	@$(ROOT)/scripts/install-deps.sh
@@ -76,7 +76,19 @@ lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
-# Write throughput and latency vs the same inserts in plain SQL, in one run.
-# BENCH_CLIENTS and BENCH_SECONDS tune it.
+# Benchmarks against the same statements in plain SQL, measured in the same run
+# (release build; timings are reported, never asserted).
+# - write: WriteAudit throughput and latency vs the same inserts in plain SQL.
+#   BENCH_CLIENTS (16) and BENCH_SECONDS (10) tune it.
+# - incidents: IncidentQuery read latency (p50/p99) vs the same statements run
+#   by a long-lived psql, with each statement's EXPLAIN (ANALYZE, BUFFERS).
+#   Seeds the ds_bench_incidents database by COPY. BENCH_EVENTS (1000000),
+#   BENCH_INCIDENTS (100000), BENCH_ITERATIONS per query (200),
+#   BENCH_STATS_ITERATIONS for GetActionStats (BENCH_ITERATIONS), BENCH_REUSE=1
+#   keeps an already seeded database of the same sizes instead of reseeding,
+#   BENCH_BREAKDOWN=1 adds where the time goes (the storage call in-process).
+BENCH_ENV := DATASTORAGE_BENCH_DATABASE_URL=$(DB_URL) DATASTORAGE_BENCH_MODEL_DIR=$(MODEL_DIR)
+
 bench: pg-start
-	DATASTORAGE_BENCH_DATABASE_URL=$(DB_URL) DATASTORAGE_BENCH_MODEL_DIR=$(MODEL_DIR) cargo bench --bench write
+	$(BENCH_ENV) cargo bench --bench write
+	$(BENCH_ENV) DATASTORAGE_BENCH_PSQL=$(PGBIN)/psql cargo bench --bench incidents

@@ -8,14 +8,14 @@ use uuid::Uuid;
 use crate::{
     config::SearchSettings,
     domain::{SearchHit, SearchInput, SearchMode, SearchRequest, Violations},
-    embedding::Embedder,
     error::CoreError,
+    models::Models,
     storage::{EventKey, ModelHandle, Ranked, SearchScope, Storage, Strategy},
 };
 
 pub struct SearchService {
     storage: Storage,
-    embedder: Arc<Embedder>,
+    models: Arc<Models>,
     settings: SearchSettings,
 }
 
@@ -53,10 +53,10 @@ fn best_per_incident(rows: Vec<Ranked>) -> Vec<Ranked> {
 }
 
 impl SearchService {
-    pub fn new(storage: Storage, embedder: Arc<Embedder>, settings: SearchSettings) -> Self {
+    pub fn new(storage: Storage, models: Arc<Models>, settings: SearchSettings) -> Self {
         SearchService {
             storage,
-            embedder,
+            models,
             settings,
         }
     }
@@ -77,18 +77,7 @@ impl SearchService {
             kinds: &request.kinds,
             exclude: query.exclude,
         };
-        // A filter that leaves few events is answered by comparing those
-        // events exactly: cheaper than walking the index past every event the
-        // filter rejects, and exact. The scope is counted up to the threshold
-        // (an index-assisted LIMIT query), so the decision costs at most that
-        // many index entries; an unfiltered search always uses the index.
-        let threshold = self.settings.exact_scan_threshold as usize;
-        let candidates = if scope.needs_count() && threshold > 0 {
-            let keys = self.storage.events_in_scope(&model, &scope, threshold + 1).await?;
-            (keys.len() <= threshold).then_some(keys)
-        } else {
-            None
-        };
+        let candidates = self.small_scope(&model, &scope).await?;
         let mut hits = match request.mode {
             SearchMode::Vector => {
                 let rows = self
@@ -106,6 +95,37 @@ impl SearchService {
         }
         hits.truncate(request.top_k);
         Ok((model.name, hits))
+    }
+
+    /// The events in scope when there are at most `exact_scan_threshold` of
+    /// them, to be compared exactly: cheaper than walking the index past every
+    /// event the filter rejects, and exact. Otherwise None: walk the index.
+    ///
+    /// An incident filter is first bounded from the incidents it matches
+    /// (their event counts, at most threshold + 1 incidents read by index), so
+    /// a broad filter costs well under a millisecond to send to the index.
+    /// Only a scope that may be small is then listed, up to threshold + 1
+    /// events; an unfiltered search always uses the index.
+    async fn small_scope(
+        &self,
+        model: &ModelHandle,
+        scope: &SearchScope<'_>,
+    ) -> Result<Option<Vec<EventKey>>, CoreError> {
+        let threshold = self.settings.exact_scan_threshold as usize;
+        if !scope.needs_count() || threshold == 0 {
+            return Ok(None);
+        }
+        if scope.has_incident_filter()
+            && self
+                .storage
+                .incident_events_upper_bound(scope.filter, threshold + 1)
+                .await?
+                > threshold as i64
+        {
+            return Ok(None);
+        }
+        let keys = self.storage.events_in_scope(model, scope, threshold + 1).await?;
+        Ok((keys.len() <= threshold).then_some(keys))
     }
 
     async fn model(&self, name: Option<&str>) -> Result<ModelHandle, CoreError> {
@@ -126,17 +146,16 @@ impl SearchService {
     async fn resolve(&self, model: &ModelHandle, input: SearchInput) -> Result<ResolvedQuery, CoreError> {
         match input {
             SearchInput::Text(text) => {
-                if model.name != self.embedder.model_name() {
+                let Some(runnable) = self.models.named(&model.name) else {
                     return Err(invalid(
                         "model",
                         format!(
-                            "text queries are embedded with {:?}; search {:?} with a vector or an event_id",
-                            self.embedder.model_name(),
+                            "this server cannot embed text with {:?}; search it with a vector or an event_id",
                             model.name
                         ),
                     ));
-                }
-                let embedded = self
+                };
+                let embedded = runnable
                     .embedder
                     .embed_all(std::slice::from_ref(&text))
                     .await

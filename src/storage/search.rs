@@ -140,19 +140,44 @@ impl Storage {
         }))
     }
 
-    /// The events in scope that have an embedding for `model`, up to `limit`:
-    /// how the search decides between the index and an exact comparison.
+    /// At least as many as the events an incident filter leaves: the event
+    /// counts of at most `cap` matching incidents, read from the incident
+    /// indexes. Every incident has an event, so `cap` matching incidents
+    /// already mean `cap` events or more.
+    pub async fn incident_events_upper_bound(&self, filter: &IncidentFilter, cap: usize) -> Result<i64, CoreError> {
+        let mut qb = QueryBuilder::new(
+            "SELECT coalesce(sum(n), 0)::bigint FROM (SELECT i.event_count AS n FROM incidents i WHERE true",
+        );
+        push_filter(&mut qb, filter, "i.last_event_at");
+        qb.push(" LIMIT ").push_bind(cap as i64).push(") AS matching");
+        qb.build_query_scalar()
+            .fetch_one(&self.pool)
+            .await
+            .map_err(CoreError::database)
+    }
+
+    /// The events in scope that have an embedding for `model`, up to `limit`.
+    ///
+    /// With an incident filter the scan starts from the matching incidents
+    /// and reaches their events through the incident index (LATERAL keeps
+    /// that order): joined the other way, PostgreSQL scans every event to
+    /// find a selective filter's few hundred.
     pub async fn events_in_scope(
         &self,
         model: &ModelHandle,
         scope: &SearchScope<'_>,
         limit: usize,
     ) -> Result<Vec<EventKey>, CoreError> {
+        let events = if *scope.filter == IncidentFilter::default() {
+            "audit_events e"
+        } else {
+            "incidents i CROSS JOIN LATERAL (SELECT e.id, e.occurred_at, e.kind FROM audit_events e \
+             WHERE e.incident_id = i.id) AS e"
+        };
         let mut qb = QueryBuilder::new(format!(
-            "SELECT e.id, e.occurred_at FROM audit_events e{} \
-             JOIN audit_embeddings emb ON emb.event_id = e.id \
+            "SELECT e.id, e.occurred_at FROM {events} \
+             JOIN audit_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
                   AND emb.model_id = {} WHERE true",
-            incident_join(scope),
             model.id
         ));
         push_scope(&mut qb, scope);
@@ -295,5 +320,9 @@ impl SearchScope<'_> {
     /// search always walks the index.
     pub fn needs_count(&self) -> bool {
         !self.is_unfiltered()
+    }
+
+    pub fn has_incident_filter(&self) -> bool {
+        *self.filter != IncidentFilter::default()
     }
 }

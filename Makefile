@@ -87,8 +87,17 @@ lint:
 #   BENCH_STATS_ITERATIONS for GetActionStats (BENCH_ITERATIONS), BENCH_REUSE=1
 #   keeps an already seeded database of the same sizes instead of reseeding,
 #   BENCH_BREAKDOWN=1 adds where the time goes (the storage call in-process).
+# - search: SearchSimilar p50/p99 and recall@10 (vs exact brute force) vs the
+#   same statements on one sqlx connection: unfiltered, namespace (~10%),
+#   alert_name (~0.5%), hybrid, and min_similarity 0.99. Seeds ds_bench_search
+#   with embeddings of the local model, cached in .cache/bench/.
+#   BENCH_SEARCH_EVENTS (100000), BENCH_SEARCH_QUERIES distinct query texts
+#   (100), BENCH_ITERATIONS per scenario (200), BENCH_REUSE=1 as above;
+#   BENCH_SEARCH_EF_SEARCH and BENCH_SEARCH_ITERATIVE_SCAN try other HNSW
+#   settings than the service's defaults (100, relaxed_order).
 BENCH_ENV := DATASTORAGE_BENCH_DATABASE_URL=$(DB_URL) DATASTORAGE_BENCH_MODEL_DIR=$(MODEL_DIR)
 
 bench: pg-start
 	$(BENCH_ENV) cargo bench --bench write
 	$(BENCH_ENV) DATASTORAGE_BENCH_PSQL=$(PGBIN)/psql cargo bench --bench incidents
+	$(BENCH_ENV) cargo bench --bench search

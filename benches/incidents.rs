@@ -48,6 +48,9 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+mod common;
+use common::{alert_name, env_or, histogram, micros, ms, Rng, TEAMS};
+
 const DATABASE: &str = "ds_bench_incidents";
 /// Bump when the generated data changes, so BENCH_REUSE reseeds.
 const SEED_VERSION: i32 = 1;
@@ -58,67 +61,10 @@ const DEEP_PAGE: usize = 50;
 const GOAL_P99_MS: f64 = 20.0;
 const GOAL_RATIO: f64 = 1.3;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 // ---------------------------------------------------------------------------
 // Deterministic data
 // ---------------------------------------------------------------------------
 
-/// splitmix64: cheap, deterministic, good enough for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
-
-const ALERT_BASES: [&str; 20] = [
-    "HighMemoryUsage",
-    "HighCPUUsage",
-    "PodCrashLooping",
-    "PodNotReady",
-    "DiskPressure",
-    "NodeNotReady",
-    "KubeletDown",
-    "CertificateExpiring",
-    "ErrorRateHigh",
-    "LatencyHigh",
-    "QueueBacklog",
-    "ReplicasMismatch",
-    "ContainerOOMKilled",
-    "ImagePullBackOff",
-    "PVCFillingUp",
-    "TargetDown",
-    "DeadlockDetected",
-    "ConnectionPoolExhausted",
-    "CPUThrottlingHigh",
-    "JobFailed",
-];
-const ALERT_SCOPES: [&str; 10] = [
-    "", "Api", "Worker", "Db", "Cache", "Ingress", "Batch", "Stream", "Gateway", "Cron",
-];
-const TEAMS: [&str; 10] = [
-    "payments", "checkout", "search", "identity", "catalog", "shipping", "billing", "platform", "data", "mobile",
-];
 const TIERS: [&str; 5] = ["api", "web", "worker", "batch", "db"];
 const CLUSTERS: [&str; 3] = ["prod-eu-1", "prod-us-1", "staging-eu-1"];
 const REGIONS: [&str; 3] = ["eu-west-1", "us-east-1", "ap-south-1"];
@@ -146,10 +92,6 @@ const ROOT_CAUSES: [&str; 10] = [
     "message queue consumer stuck on a poison message",
     "DNS resolution failures inside the cluster",
 ];
-
-fn alert_name(index: usize) -> String {
-    format!("{}{}", ALERT_BASES[index % 20], ALERT_SCOPES[index / 20])
-}
 
 fn namespace(index: usize) -> String {
     format!("{}-{}", TEAMS[index % 10], TIERS[index / 10])
@@ -1167,10 +1109,6 @@ async fn call_storage(storage: &Storage, case: &Case, ids: &[Uuid], i: usize) ->
     micros(started.elapsed())
 }
 
-fn micros(d: Duration) -> u64 {
-    (d.as_micros() as u64).max(1)
-}
-
 /// The same keys from the plain statement (run once through sqlx, PREPARE +
 /// EXECUTE as psql does).
 async fn sql_keys(conn: &mut PgConnection, case: &Case) -> anyhow::Result<Vec<String>> {
@@ -1204,14 +1142,6 @@ struct Figures {
     sql: Histogram<u64>,
     plan: Vec<String>,
     plan_cache: String,
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap()
-}
-
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
 }
 
 async fn measure(client: &mut IncidentQueryClient<Channel>, psql: &mut Psql, case: &Case, ids: &[Uuid]) -> Figures {

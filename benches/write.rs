@@ -21,11 +21,10 @@ use secrecy::SecretString;
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use tokio::sync::Mutex;
 
-const DIMENSIONS: usize = 384;
+mod common;
+use common::env_or;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+const DIMENSIONS: usize = 384;
 
 struct Figures {
     name: &'static str,

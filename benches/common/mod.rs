@@ -1,0 +1,90 @@
+//! What the benchmarks share: deterministic data, environment knobs and
+//! latency figures.
+// Each bench binary compiles this module on its own and uses a subset of it.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// splitmix64: cheap, deterministic, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+pub const ALERT_BASES: [&str; 20] = [
+    "HighMemoryUsage",
+    "HighCPUUsage",
+    "PodCrashLooping",
+    "PodNotReady",
+    "DiskPressure",
+    "NodeNotReady",
+    "KubeletDown",
+    "CertificateExpiring",
+    "ErrorRateHigh",
+    "LatencyHigh",
+    "QueueBacklog",
+    "ReplicasMismatch",
+    "ContainerOOMKilled",
+    "ImagePullBackOff",
+    "PVCFillingUp",
+    "TargetDown",
+    "DeadlockDetected",
+    "ConnectionPoolExhausted",
+    "CPUThrottlingHigh",
+    "JobFailed",
+];
+pub const ALERT_SCOPES: [&str; 10] = [
+    "", "Api", "Worker", "Db", "Cache", "Ingress", "Batch", "Stream", "Gateway", "Cron",
+];
+/// One namespace per team.
+pub const TEAMS: [&str; 10] = [
+    "payments", "checkout", "search", "identity", "catalog", "shipping", "billing", "platform", "data", "mobile",
+];
+
+/// 200 distinct alert names: the 20 bases in 10 scopes.
+pub fn alert_name(index: usize) -> String {
+    format!("{}{}", ALERT_BASES[index % 20], ALERT_SCOPES[index / 20])
+}
+
+pub fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}
+
+/// Microsecond latencies up to 10 minutes.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap()
+}
+
+/// The `q` quantile in milliseconds.
+pub fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}

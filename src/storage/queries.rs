@@ -383,28 +383,40 @@ impl Storage {
     /// Per action type, over every execution event of the matching incidents,
     /// aggregated in SQL.
     #[tracing::instrument(skip(self))]
+    /// Per action type over the execution events of the matching incidents.
+    /// All data reads the trigger-maintained rollup (a few hundred rows per
+    /// action type); a filter buckets the matching events the same way
+    /// (migration `action_rollup` says how), and both share the aggregation.
     pub async fn action_stats(&self, filter: &IncidentFilter) -> Result<Vec<ActionStats>, CoreError> {
-        let mut qb = QueryBuilder::new(
-            "SELECT e.action_type, count(*) AS total, \
-             count(*) FILTER (WHERE e.execution_status = ",
-        );
-        qb.push_bind(ExecutionStatus::Succeeded.code())
-            .push(") AS succeeded, count(*) FILTER (WHERE e.execution_status = ")
-            .push_bind(ExecutionStatus::Failed.code())
-            .push(
-                ") AS failed, avg(e.duration_ms) AS mean_ms, \
-                 percentile_cont(0.5) WITHIN GROUP (ORDER BY e.duration_ms) AS p50_ms, \
-                 percentile_cont(0.95) WITHIN GROUP (ORDER BY e.duration_ms) AS p95_ms \
+        let mut qb = QueryBuilder::new("WITH buckets AS (");
+        if *filter == IncidentFilter::default() {
+            qb.push(
+                "SELECT action_type, execution_status, duration_bucket, executions, duration_ms_sum \
+                 FROM action_duration_rollup WHERE executions > 0",
+            );
+        } else {
+            qb.push(
+                "SELECT coalesce(e.action_type, '') AS action_type, \
+                 coalesce(e.execution_status, 0) AS execution_status, \
+                 action_duration_bucket(e.duration_ms) AS duration_bucket, \
+                 count(*) AS executions, coalesce(sum(e.duration_ms), 0) AS duration_ms_sum \
                  FROM audit_events e WHERE e.kind = ",
             )
-            .push_bind(AuditKind::Execution.code());
-        if *filter != IncidentFilter::default() {
-            qb.push(" AND e.incident_id IN (SELECT i.id FROM incidents i WHERE true");
+            .push_bind(AuditKind::Execution.code())
+            .push(" AND e.incident_id IN (SELECT i.id FROM incidents i WHERE true");
             push_filter(&mut qb, filter, "i.last_event_at");
-            qb.push(")");
+            qb.push(") GROUP BY 1, 2, 3");
         }
-        qb.push(" GROUP BY e.action_type ORDER BY e.action_type");
-        type StatsRow = (Option<String>, i64, i64, i64, Option<f64>, Option<f64>, Option<f64>);
+        qb.push(
+            "), per_action AS ( \
+             SELECT action_type, sum(executions)::bigint AS total, \
+             coalesce(sum(executions) FILTER (WHERE execution_status = ",
+        )
+        .push_bind(ExecutionStatus::Succeeded.code())
+        .push("), 0)::bigint AS succeeded, coalesce(sum(executions) FILTER (WHERE execution_status = ")
+        .push_bind(ExecutionStatus::Failed.code())
+        .push(ACTION_STATS_AGGREGATION);
+        type StatsRow = (String, i64, i64, i64, Option<f64>, Option<f64>, Option<f64>);
         let rows: Vec<StatsRow> = qb
             .build_query_as()
             .fetch_all(&self.pool)
@@ -413,7 +425,7 @@ impl Storage {
         Ok(rows
             .into_iter()
             .map(|(action_type, total, succeeded, failed, mean, p50, p95)| ActionStats {
-                action_type: action_type.unwrap_or_default(),
+                action_type,
                 total,
                 succeeded,
                 failed,
@@ -440,6 +452,38 @@ impl Storage {
         Ok(deleted)
     }
 }
+
+/// The rest of action_stats after the outcome counts: the mean, and p50/p95
+/// as percentile_cont over the duration buckets. Rank k (0-based, of `timed`
+/// durations in bucket order) lies in the last bucket whose first rank is at
+/// most k; percentile_cont interpolates between ranks floor and ceil of
+/// q * (timed - 1).
+const ACTION_STATS_AGGREGATION: &str = "), 0)::bigint AS failed, \
+    sum(duration_ms_sum) FILTER (WHERE duration_bucket IS NOT NULL) \
+        / nullif(sum(executions) FILTER (WHERE duration_bucket IS NOT NULL), 0) AS mean_ms, \
+    coalesce(sum(executions) FILTER (WHERE duration_bucket IS NOT NULL), 0) AS timed \
+    FROM buckets GROUP BY action_type), \
+    histogram AS ( \
+    SELECT action_type, duration_bucket, sum(executions) AS executions, \
+    sum(sum(executions)) OVER (PARTITION BY action_type ORDER BY duration_bucket) - sum(executions) AS first_rank \
+    FROM buckets WHERE duration_bucket IS NOT NULL GROUP BY action_type, duration_bucket), \
+    ranks AS ( \
+    SELECT a.action_type, q.quantile, q.quantile * (a.timed - 1) AS position \
+    FROM per_action a CROSS JOIN (VALUES (0.5::float8), (0.95::float8)) AS q (quantile) WHERE a.timed > 0), \
+    quantiles AS ( \
+    SELECT r.action_type, r.quantile, lo.value + (r.position - floor(r.position)) * (hi.value - lo.value) AS value \
+    FROM ranks r \
+    CROSS JOIN LATERAL (SELECT action_duration_bucket_value(h.duration_bucket) AS value FROM histogram h \
+        WHERE h.action_type = r.action_type AND h.first_rank <= floor(r.position) \
+        ORDER BY h.first_rank DESC LIMIT 1) lo \
+    CROSS JOIN LATERAL (SELECT action_duration_bucket_value(h.duration_bucket) AS value FROM histogram h \
+        WHERE h.action_type = r.action_type AND h.first_rank <= ceil(r.position) \
+        ORDER BY h.first_rank DESC LIMIT 1) hi) \
+    SELECT a.action_type, a.total, a.succeeded, a.failed, a.mean_ms, p50.value AS p50_ms, p95.value AS p95_ms \
+    FROM per_action a \
+    LEFT JOIN quantiles p50 ON p50.action_type = a.action_type AND p50.quantile = 0.5 \
+    LEFT JOIN quantiles p95 ON p95.action_type = a.action_type AND p95.quantile = 0.95 \
+    ORDER BY a.action_type";
 
 fn millis(ms: f64) -> Duration {
     Duration::from_secs_f64(ms.max(0.0) / 1000.0)

@@ -2395,7 +2395,12 @@ fn assert_stats(got: &[pb::ActionStats], want: &[Want], context: &str) {
                     ("p95", got_durations[2], p95),
                 ] {
                     let got = got.unwrap_or_else(|| panic!("{what}: {name} is unset"));
-                    assert!((got - want).abs() <= 0.001, "{what}: {name} is {got}s, want {want}s");
+                    // Percentiles come from duration buckets with 1% relative accuracy.
+                    let tolerance = if name == "mean" { 0.001 } else { 0.001 + want * 0.01 };
+                    assert!(
+                        (got - want).abs() <= tolerance,
+                        "{what}: {name} is {got}s, want {want}s"
+                    );
                 }
             }
         }

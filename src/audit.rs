@@ -8,28 +8,27 @@ use crate::{
     domain::{EmbeddingState, Violations, WriteReceipt, WriteRequest},
     embedding::Embedder,
     error::CoreError,
-    storage::{EmbeddingDecision, ModelHandle, PreparedWrite, Storage},
+    models::Models,
+    storage::{EmbeddingDecision, PreparedWrite, Storage},
 };
 
 pub struct AuditService {
     storage: Storage,
-    embedder: Arc<Embedder>,
-    model: ModelHandle,
+    models: Arc<Models>,
     policy: FailurePolicy,
 }
 
 impl AuditService {
-    pub fn new(storage: Storage, embedder: Arc<Embedder>, model: ModelHandle, policy: FailurePolicy) -> Self {
+    pub fn new(storage: Storage, models: Arc<Models>, policy: FailurePolicy) -> Self {
         AuditService {
             storage,
-            embedder,
-            model,
+            models,
             policy,
         }
     }
 
     pub fn embedding_dimensions(&self) -> usize {
-        self.model.dimensions
+        self.models.for_writes().handle.dimensions
     }
 
     /// Writes all requests in one transaction. `field_of(i)` names request i's
@@ -42,8 +41,9 @@ impl AuditService {
         field_of: impl Fn(usize) -> String,
     ) -> Result<Vec<WriteReceipt>, CoreError> {
         self.check_parents(&requests, &field_of).await?;
-        let prepared = self.prepare(requests).await?;
-        self.storage.write_events(source, &self.model, &prepared).await
+        let model = self.models.for_writes();
+        let prepared = self.prepare(&model.embedder, requests).await?;
+        self.storage.write_events(source, &model.handle, &prepared).await
     }
 
     /// A parent must be stored already; the database cannot enforce this with
@@ -72,14 +72,14 @@ impl AuditService {
         violations.into_result(|| ()).map_err(CoreError::InvalidInput)
     }
 
-    async fn prepare(&self, requests: Vec<WriteRequest>) -> Result<Vec<PreparedWrite>, CoreError> {
+    async fn prepare(&self, embedder: &Embedder, requests: Vec<WriteRequest>) -> Result<Vec<PreparedWrite>, CoreError> {
         let texts: Vec<Option<String>> = requests.iter().map(|r| r.event.embedding_text()).collect();
         let to_embed: Vec<usize> = (0..requests.len())
             .filter(|&i| requests[i].embedding.is_none() && texts[i].is_some())
             .collect();
         let embed_texts: Vec<String> = to_embed.iter().map(|&i| texts[i].clone().unwrap_or_default()).collect();
 
-        let mut generated = match self.embedder.embed_all(&embed_texts).await {
+        let mut generated = match embedder.embed_all(&embed_texts).await {
             Ok(vectors) => vectors.into_iter().map(Ok).collect::<Vec<_>>(),
             Err(error) => match self.policy {
                 FailurePolicy::Reject => {

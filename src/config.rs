@@ -21,6 +21,8 @@ pub struct Settings {
     pub embedding: EmbeddingSettings,
     pub query: QuerySettings,
     pub search: SearchSettings,
+    pub redis: RedisSettings,
+    pub jobs: JobSettings,
     pub log: LogSettings,
 }
 
@@ -92,6 +94,17 @@ pub struct EmbeddingSettings {
     /// Entries of the in-process embedding cache.
     pub cache_capacity: u64,
     pub openai: OpenAiSettings,
+    /// Further local models (all-MiniLM-compatible weights) a `reembed` job
+    /// can embed every event with and then make active.
+    pub extra_models: Vec<ExtraModelSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraModelSettings {
+    /// The name the model is registered and searched under.
+    pub name: String,
+    pub model_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -141,6 +154,34 @@ pub struct SearchSettings {
     pub rrf_k: u32,
     /// Candidates each ranking contributes to hybrid fusion (at least top_k).
     pub hybrid_candidates: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://host:port[/db]`. Unset: jobs live in-process (one replica) and
+    /// there is no shared embedding cache.
+    #[serde(serialize_with = "serialize_optional_secret")]
+    pub url: Option<SecretString>,
+    /// Prefix of every key and channel, so several deployments can share a Redis.
+    pub key_prefix: String,
+    /// How long one Redis command may take before it counts as unreachable.
+    pub command_timeout_ms: u64,
+    /// Lifetime of a shared (L2) embedding cache entry.
+    pub embedding_cache_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSettings {
+    /// Events a job processes per batch (and per progress update).
+    pub batch_size: u32,
+    /// A replica holds a running job's lock for this long and renews it every
+    /// third of it; a crashed replica's jobs are taken over after it lapses.
+    pub lock_ttl_ms: u64,
+    /// How often a replica looks for deferred embeddings to backfill and for
+    /// jobs a crashed replica left unfinished.
+    pub supervisor_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -202,6 +243,7 @@ impl Default for Settings {
                 batch_window_ms: 2,
                 cache_capacity: 100_000,
                 openai: OpenAiSettings::default(),
+                extra_models: Vec::new(),
             },
             query: QuerySettings {
                 page_token_key: None,
@@ -214,6 +256,17 @@ impl Default for Settings {
                 exact_scan_threshold: 2_000,
                 rrf_k: 60,
                 hybrid_candidates: 100,
+            },
+            redis: RedisSettings {
+                url: None,
+                key_prefix: "datastorage".to_owned(),
+                command_timeout_ms: 500,
+                embedding_cache_ttl_secs: 300,
+            },
+            jobs: JobSettings {
+                batch_size: 256,
+                lock_ttl_ms: 15_000,
+                supervisor_interval_ms: 10_000,
             },
             log: LogSettings {
                 format: LogFormat::Json,
@@ -236,7 +289,9 @@ impl Settings {
             Env::prefixed("DATASTORAGE_")
                 .filter(|key| {
                     let key = key.as_str().to_ascii_lowercase();
-                    key != "config" && !key.starts_with("test_") && !key.starts_with("bench_")
+                    !matches!(key.as_str(), "config" | "addr" | "token")
+                        && !key.starts_with("test_")
+                        && !key.starts_with("bench_")
                 })
                 .split("__"),
         );
@@ -302,6 +357,40 @@ impl Settings {
             (1..=1000).contains(&self.search.hybrid_candidates),
             "search.hybrid_candidates must be within 1..=1000"
         );
+        if let Some(url) = &self.redis.url {
+            ensure!(
+                url.expose_secret().starts_with("redis://") || url.expose_secret().starts_with("rediss://"),
+                "redis.url must be a redis:// or rediss:// URL"
+            );
+        }
+        ensure!(
+            self.redis.command_timeout_ms >= 1,
+            "redis.command_timeout_ms must be positive"
+        );
+        ensure!(
+            self.redis.embedding_cache_ttl_secs >= 1,
+            "redis.embedding_cache_ttl_secs must be positive"
+        );
+        ensure!(
+            (1..=10_000).contains(&self.jobs.batch_size),
+            "jobs.batch_size must be within 1..=10000"
+        );
+        ensure!(self.jobs.lock_ttl_ms >= 300, "jobs.lock_ttl_ms must be at least 300");
+        ensure!(
+            self.jobs.supervisor_interval_ms >= 10,
+            "jobs.supervisor_interval_ms must be at least 10"
+        );
+        for (index, extra) in self.embedding.extra_models.iter().enumerate() {
+            ensure!(
+                !extra.name.is_empty() && extra.name != self.embedding.model_name,
+                "embedding.extra_models[{index}].name must be set and differ from embedding.model_name"
+            );
+            ensure!(
+                extra.model_dir.join("model.safetensors").is_file(),
+                "embedding.extra_models[{index}].model_dir ({}) must contain model.safetensors",
+                extra.model_dir.display()
+            );
+        }
         match self.embedding.provider {
             ProviderKind::Local => ensure!(
                 self.embedding.model_dir.join("model.safetensors").is_file()

@@ -20,6 +20,7 @@ pub const SERVED_SERVICES: &[&str] = &[
     "datastorage.v1.AuditWrite",
     "datastorage.v1.IncidentQuery",
     "datastorage.v1.VectorSearch",
+    "datastorage.v1.JobStatus",
 ];
 
 #[derive(Clone, Default)]

@@ -11,14 +11,19 @@
 //! - [`audit`]: the write use case (embedding and failure policy before the transaction).
 //! - [`storage`]: PostgreSQL; owns the transaction boundary.
 //! - [`embedding`]: providers (local candle model, OpenAI-compatible HTTP), micro-batching, cache.
+//! - [`jobs`]: job records, cancellation flags and locks, in Redis or in-process.
 //! - [`startup`]: builds the application and returns the bound ports.
+//! - [`cli`]: the `datastorage jobs …` client of a running server.
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod embedding;
 pub mod error;
 pub mod grpc;
 pub mod health;
+pub mod jobs;
+pub mod models;
 pub mod pagination;
 pub mod proto;
 pub mod query;

@@ -1,8 +1,12 @@
-use std::path::PathBuf;
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use datastorage::{
+    cli::jobs::{self, JobsArgs},
     config::Settings,
     startup::{shutdown_signal, Application},
     storage, telemetry,
@@ -25,23 +29,35 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Start, inspect, cancel and watch maintenance jobs on a running server.
+    Jobs(JobsArgs),
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let settings = Settings::load(cli.config.as_deref())?;
-    telemetry::init(settings.log.format);
     match cli.command {
         Command::Serve => {
+            let settings = server_settings(cli.config.as_deref())?;
             let app = Application::build(settings).await?;
-            app.run_until_stopped(shutdown_signal()).await
+            app.run_until_stopped(shutdown_signal()).await?;
         }
         Command::Migrate => {
+            let settings = server_settings(cli.config.as_deref())?;
             let pool = storage::pool(&settings.database, &settings.search)?;
             storage::MIGRATOR.run(&pool).await.context("running migrations")?;
             tracing::info!("migrations applied");
-            Ok(())
         }
+        // A client of a running server: no server configuration, and no logs
+        // mixed into its output.
+        Command::Jobs(args) => return Ok(jobs::run(args).await),
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The server's configuration, with telemetry started as it says.
+fn server_settings(config: Option<&Path>) -> anyhow::Result<Settings> {
+    let settings = Settings::load(config)?;
+    telemetry::init(settings.log.format);
+    Ok(settings)
 }

@@ -10,15 +10,23 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 use crate::{
     audit::AuditService,
     config::Settings,
-    embedding::{self, Embedder, EmbeddingProvider},
-    grpc::{audit_write::AuditWriteService, incident_query::IncidentQueryService, vector_search::VectorSearchService},
+    embedding::{
+        self, cache::SharedEmbeddingCache, local::LocalMiniLm, redis_cache::RedisEmbeddingCache, Embedder,
+        EmbeddingProvider,
+    },
+    grpc::{
+        audit_write::AuditWriteService, incident_query::IncidentQueryService, job_status::JobStatusService,
+        vector_search::VectorSearchService,
+    },
     health::{self, Readiness},
+    jobs::{runner::JobService, JobStore, MemoryJobStore, RedisJobStore},
+    models::{Models, RunnableModel},
     pagination::PageTokens,
     proto::{
         self,
         v1::{
             audit_write_server::AuditWriteServer, incident_query_server::IncidentQueryServer,
-            vector_search_server::VectorSearchServer,
+            job_status_server::JobStatusServer, vector_search_server::VectorSearchServer,
         },
     },
     query::IncidentQueries,
@@ -34,6 +42,7 @@ pub struct Application {
     audit: Arc<AuditService>,
     queries: Arc<IncidentQueries>,
     search: Arc<SearchService>,
+    jobs: Arc<JobService>,
 }
 
 impl Application {
@@ -52,23 +61,62 @@ impl Application {
                 .await
                 .context("running migrations")?;
         }
+        let shared_cache: Option<Arc<dyn SharedEmbeddingCache>> = match &settings.redis.url {
+            Some(_) => Some(Arc::new(
+                RedisEmbeddingCache::connect(&settings.redis)
+                    .await
+                    .context("configuring the Redis embedding cache")?,
+            )),
+            None => None,
+        };
+        let runnable = |provider: Arc<dyn EmbeddingProvider>, kind: &str| {
+            let (storage, settings, shared_cache) = (&storage, &settings, shared_cache.clone());
+            let kind = kind.to_owned();
+            async move {
+                let handle = storage
+                    .register_model(provider.model_name(), provider.dimensions(), &kind)
+                    .await
+                    .with_context(|| format!("registering the embedding model {}", provider.model_name()))?;
+                let embedder = Embedder::new(provider, &settings.embedding).with_shared_cache(shared_cache);
+                anyhow::Ok(RunnableModel {
+                    handle,
+                    embedder: Arc::new(embedder),
+                })
+            }
+        };
         let provider_kind = format!("{:?}", settings.embedding.provider).to_lowercase();
-        let model = storage
-            .register_model(provider.model_name(), provider.dimensions(), &provider_kind)
-            .await
-            .context("registering the embedding model")?;
-        let embedder = Arc::new(Embedder::new(provider, &settings.embedding));
+        let default_model = runnable(provider, &provider_kind).await?;
+        let mut extra_models = Vec::new();
+        for extra in &settings.embedding.extra_models {
+            let provider: Arc<dyn EmbeddingProvider> = Arc::new(
+                LocalMiniLm::load(&extra.model_dir, &extra.name)
+                    .with_context(|| format!("loading the embedding model {}", extra.name))?,
+            );
+            extra_models.push(runnable(provider, "local").await?);
+        }
+        let models = Arc::new(Models::new(default_model, extra_models));
+        if let Some(active) = storage.active_model().await? {
+            models.follow_active(&active);
+        }
         let search = Arc::new(SearchService::new(
             storage.clone(),
-            embedder.clone(),
+            models.clone(),
             settings.search.clone(),
         ));
         let audit = Arc::new(AuditService::new(
             storage.clone(),
-            embedder,
-            model,
+            models.clone(),
             settings.embedding.failure_policy,
         ));
+        let job_store: Arc<dyn JobStore> = match &settings.redis.url {
+            Some(_) => Arc::new(
+                RedisJobStore::connect(&settings.redis)
+                    .await
+                    .context("configuring the Redis job store")?,
+            ),
+            None => Arc::new(MemoryJobStore::new()),
+        };
+        let jobs = JobService::new(job_store, storage.clone(), models, settings.jobs.clone());
 
         let tokens = PageTokens::new(settings.query.page_token_key.as_ref(), settings.page_token_ttl())?;
         let queries = Arc::new(IncidentQueries::new(storage.clone(), tokens));
@@ -87,6 +135,7 @@ impl Application {
             audit,
             queries,
             search,
+            jobs,
         })
     }
 
@@ -112,6 +161,7 @@ impl Application {
         ));
         let http = tokio::spawn(health::serve_http(self.http_listener, readiness));
         let pruning = tokio::spawn(prune_sort_history(self.storage.clone(), self.settings.page_token_ttl()));
+        let supervisor = tokio::spawn(self.jobs.clone().supervise());
 
         let reflection_v1 = reflection_builder().build_v1()?;
         let reflection_v1alpha = reflection_builder().build_v1alpha()?;
@@ -123,6 +173,9 @@ impl Application {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
         let vector_search = VectorSearchServer::new(VectorSearchService::new(self.search))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        let job_status = JobStatusServer::new(JobStatusService::new(self.jobs))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
 
@@ -138,10 +191,12 @@ impl Application {
             .add_service(audit_write)
             .add_service(incident_query)
             .add_service(vector_search)
+            .add_service(job_status)
             .serve_with_incoming_shutdown(incoming, stop_serving(reporter, monitor, shutdown))
             .await;
         http.abort();
         pruning.abort();
+        supervisor.abort();
         result.context("gRPC server failed")
     }
 }

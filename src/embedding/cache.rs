@@ -1,10 +1,23 @@
-//! In-process (L1) embedding cache. Keys are SHA-256 of (model, text) so the
-//! cache never holds the texts themselves and two models never share entries.
+//! In-process (L1) embedding cache, and the trait of the shared (L2) cache
+//! behind it. Keys are SHA-256 of (model, text) so no cache ever holds the
+//! texts themselves and two models never share entries.
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 pub type CacheKey = [u8; 32];
+
+/// A cache shared by every replica, asked when the in-process one misses.
+/// It only saves model calls, so it never fails an embedding nor slows one
+/// down: when unreachable it answers misses and drops writes.
+#[async_trait]
+pub trait SharedEmbeddingCache: Send + Sync + 'static {
+    /// Exactly one answer per key, in order; None for a miss.
+    async fn get_many(&self, keys: &[CacheKey]) -> Vec<Option<Arc<[f32]>>>;
+    /// Stores the entries in the background and returns at once.
+    fn put_many(&self, entries: Vec<(CacheKey, Arc<[f32]>)>);
+}
 
 pub struct EmbeddingCache {
     entries: moka::future::Cache<CacheKey, Arc<[f32]>>,

@@ -16,6 +16,7 @@ use crate::{
         MAX_CUSTOM_DATA_BYTES, MAX_CUSTOM_DATA_DEPTH, MAX_FREE_TEXT_BYTES, MAX_FUTURE_SKEW, MAX_ID_CHARS, MAX_LABELS,
         MAX_LABEL_KEY_CHARS, MAX_TOP_K, NUL_MESSAGE,
     },
+    jobs::{JobCursor, JobListFilter, JobSpec, JobState},
     proto::v1 as pb,
 };
 
@@ -747,5 +748,132 @@ pub fn search_request(request: pb::SearchSimilarRequest) -> Result<SearchRequest
             model,
         }),
         _ => Err(v),
+    }
+}
+
+pub struct StartJob {
+    pub spec: JobSpec,
+    pub request_id: Option<String>,
+}
+
+pub fn start_job(request: pb::StartJobRequest) -> Result<StartJob, Violations> {
+    use pb::start_job_request::Spec;
+    let pb::StartJobRequest { spec, request_id } = request;
+    let mut v = Violations::new();
+    let request_id = optional_text(&mut v, "request_id".into(), request_id, 255);
+    let spec = match spec {
+        None => {
+            v.add(
+                "spec",
+                "is required: one of backfill_embeddings, reembed, purge, reindex",
+            );
+            None
+        }
+        Some(Spec::BackfillEmbeddings(pb::BackfillEmbeddingsJob {})) => Some(JobSpec::BackfillEmbeddings),
+        Some(Spec::Reembed(pb::ReembedJob { model })) => Some(JobSpec::Reembed {
+            model: required_text(&mut v, "reembed.model".into(), model, 255),
+        }),
+        Some(Spec::Reindex(pb::ReindexJob { model })) => Some(JobSpec::Reindex {
+            model: required_text(&mut v, "reindex.model".into(), model, 255),
+        }),
+        Some(Spec::Purge(pb::PurgeJob { older_than })) => match older_than {
+            None => {
+                v.add("purge.older_than", "is required");
+                None
+            }
+            Some(at) => timestamp(&mut v, "purge.older_than", at).and_then(|older_than| {
+                if older_than > Utc::now() {
+                    v.add("purge.older_than", "must not be in the future");
+                    None
+                } else {
+                    Some(JobSpec::Purge { older_than })
+                }
+            }),
+        },
+    };
+    v.into_result(|| StartJob {
+        spec: spec.expect("a spec when there are no violations"),
+        request_id,
+    })
+}
+
+pub fn job_id(value: &str) -> Result<Uuid, Violations> {
+    let mut v = Violations::new();
+    let id = uuid_field(&mut v, "id", value);
+    v.into_result(|| id.expect("an id when there are no violations"))
+}
+
+pub struct ListJobs {
+    pub filter: JobListFilter,
+    pub page_size: usize,
+    pub after: Option<JobCursor>,
+}
+
+pub fn list_jobs(request: pb::ListJobsRequest) -> Result<ListJobs, Violations> {
+    let pb::ListJobsRequest {
+        states,
+        r#type,
+        page_size: requested,
+        page_token,
+    } = request;
+    let mut v = Violations::new();
+    let states = states
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, code)| enum_value(&mut v, format!("states[{i}]"), code, job_state))
+        .collect();
+    let type_name = optional_text(&mut v, "type".into(), r#type, 64);
+    let page_size = page_size(&mut v, "page_size", requested);
+    let after = if page_token.is_empty() {
+        None
+    } else {
+        let cursor = job_page_token::parse(&page_token);
+        if cursor.is_none() {
+            v.add("page_token", "is not a page token of ListJobs");
+        }
+        cursor
+    };
+    v.into_result(|| ListJobs {
+        filter: JobListFilter { states, type_name },
+        page_size,
+        after,
+    })
+}
+
+fn job_state(code: i32) -> Option<JobState> {
+    match pb::JobState::try_from(code).ok()? {
+        pb::JobState::Unspecified => None,
+        pb::JobState::Pending => Some(JobState::Pending),
+        pb::JobState::Running => Some(JobState::Running),
+        pb::JobState::Succeeded => Some(JobState::Succeeded),
+        pb::JobState::Failed => Some(JobState::Failed),
+        pb::JobState::Cancelled => Some(JobState::Cancelled),
+    }
+}
+
+/// ListJobs page tokens: where the previous page ended. They carry no
+/// authority (any caller may list jobs), so they are encoded, not signed.
+pub mod job_page_token {
+    use base64::Engine;
+    use chrono::{DateTime, Utc};
+    use uuid::Uuid;
+
+    use crate::jobs::JobCursor;
+
+    const ENGINE: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    pub fn render(cursor: JobCursor) -> String {
+        ENGINE.encode(format!("jobs:{}:{}", cursor.created_at.timestamp_micros(), cursor.id))
+    }
+
+    pub fn parse(token: &str) -> Option<JobCursor> {
+        let text = String::from_utf8(ENGINE.decode(token).ok()?).ok()?;
+        let mut parts = text.splitn(3, ':');
+        if parts.next()? != "jobs" {
+            return None;
+        }
+        let created_at: DateTime<Utc> = DateTime::from_timestamp_micros(parts.next()?.parse().ok()?)?;
+        let id = Uuid::try_parse(parts.next()?).ok()?;
+        Some(JobCursor { created_at, id })
     }
 }

@@ -4,6 +4,7 @@
 pub mod audit_write;
 pub mod convert;
 pub mod incident_query;
+pub mod job_status;
 pub mod render;
 pub mod status;
 pub mod vector_search;

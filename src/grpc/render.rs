@@ -7,6 +7,7 @@ use crate::{
         ActionStats, AiAnalysis, AuditEvent, Custom, Execution, Incident, Payload, Remediation, ResourceRef, SearchHit,
         StoredEvent, Workflow,
     },
+    jobs::{JobRecord, JobState},
     proto::v1 as pb,
 };
 
@@ -258,5 +259,55 @@ pub fn search_hit(hit: SearchHit) -> pb::SearchHit {
         incident_id: event.incident_id.to_string(),
         similarity,
         event: Some(stored_event(event)),
+    }
+}
+
+pub fn job(job: JobRecord) -> pb::Job {
+    let progress_percent = job.progress_percent();
+    let JobRecord {
+        id,
+        spec,
+        state,
+        done,
+        total,
+        result,
+        error,
+        created_by,
+        created_at,
+        started_at,
+        updated_at,
+        finished_at,
+        expires_at,
+        version: _,
+    } = job;
+    pb::Job {
+        id: id.to_string(),
+        r#type: spec.type_name().to_owned(),
+        state: match state {
+            JobState::Pending => pb::JobState::Pending,
+            JobState::Running => pb::JobState::Running,
+            JobState::Succeeded => pb::JobState::Succeeded,
+            JobState::Failed => pb::JobState::Failed,
+            JobState::Cancelled => pb::JobState::Cancelled,
+        } as i32,
+        progress_percent,
+        done,
+        total,
+        result: if result.is_empty() {
+            None
+        } else {
+            json_to_struct(serde_json::Value::Object(result))
+        },
+        error: error.map(|e| tonic_types::pb::Status {
+            code: e.code,
+            message: e.message,
+            details: Vec::new(),
+        }),
+        created_by,
+        created_at: Some(timestamp(created_at)),
+        started_at: started_at.map(timestamp),
+        updated_at: Some(timestamp(updated_at)),
+        finished_at: finished_at.map(timestamp),
+        expires_at: expires_at.map(timestamp),
     }
 }

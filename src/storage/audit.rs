@@ -49,6 +49,8 @@ const MAX_ATTEMPTS: usize = 3;
 
 enum TxFailure {
     Retry(sqlx::Error),
+    /// No partition holds the row: the cached month was dropped.
+    MissingPartition(sqlx::Error),
     Fail(CoreError),
 }
 
@@ -56,9 +58,22 @@ impl From<sqlx::Error> for TxFailure {
     fn from(error: sqlx::Error) -> Self {
         if CoreError::is_retryable_conflict(&error) {
             TxFailure::Retry(error)
+        } else if is_missing_partition(&error) {
+            TxFailure::MissingPartition(error)
         } else {
             TxFailure::Fail(CoreError::database(error))
         }
+    }
+}
+
+/// PostgreSQL reports a row no partition accepts as a check violation (23514)
+/// on the partitioned table itself.
+fn is_missing_partition(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => {
+            db.code().as_deref() == Some("23514") && db.message().starts_with("no partition of relation")
+        }
+        _ => false,
     }
 }
 
@@ -92,11 +107,22 @@ impl Storage {
         loop {
             match self.try_write_events(source, model, writes).await {
                 Ok(receipts) => return Ok(receipts),
+                // A month this process created was dropped since (retention,
+                // perhaps by another replica): create it again.
+                Err(TxFailure::MissingPartition(error)) if attempt < MAX_ATTEMPTS => {
+                    tracing::info!(%error, "a month's partition is gone; recreating it");
+                    self.forget_partitions();
+                    self.ensure_partitions(writes.iter().map(|w| w.event.occurred_at))
+                        .await?;
+                    attempt += 1;
+                }
                 Err(TxFailure::Retry(error)) if attempt < MAX_ATTEMPTS => {
                     tracing::info!(%error, attempt, "write transaction conflicted; retrying");
                     attempt += 1;
                 }
-                Err(TxFailure::Retry(error)) => return Err(CoreError::database(error)),
+                Err(TxFailure::Retry(error) | TxFailure::MissingPartition(error)) => {
+                    return Err(CoreError::database(error))
+                }
                 Err(TxFailure::Fail(error)) => return Err(error),
             }
         }
@@ -252,6 +278,18 @@ async fn insert_event(
             .bind(event.occurred_at)
             .bind(model.id)
             .bind(pgvector::Vector::from(values.clone()))
+            .execute(&mut **tx)
+            .await?;
+            // Written with a model that is no longer the active one (a reembed
+            // just switched): the backfill embeds it with the active one too.
+            sqlx::query(
+                "INSERT INTO pending_embeddings (event_id, occurred_at, model_id, reason) \
+                 SELECT $1, $2, m.id, 'written while another model became active' FROM embedding_models m \
+                 WHERE m.active AND m.id <> $3 ON CONFLICT DO NOTHING",
+            )
+            .bind(receipt.event_id)
+            .bind(event.occurred_at)
+            .bind(model.id)
             .execute(&mut **tx)
             .await?;
         }

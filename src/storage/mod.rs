@@ -2,6 +2,7 @@
 //! hand it validated domain values; it never sees protobuf types.
 mod audit;
 mod incidents;
+mod jobs;
 mod queries;
 mod search;
 
@@ -20,6 +21,7 @@ use sqlx::{
 };
 
 pub use audit::{EmbeddingDecision, PreparedWrite};
+pub use jobs::{EmbeddingTask, EventPosition};
 pub use search::{EventKey, Ranked, SearchScope, Strategy};
 
 use crate::{
@@ -102,6 +104,11 @@ impl Storage {
             name: name.to_owned(),
             dimensions,
         })
+    }
+
+    /// Forgets which months are known to exist: a purge dropped some.
+    pub fn forget_partitions(&self) {
+        self.known_partitions.lock().expect("partition cache lock").clear();
     }
 
     /// Creates the monthly partitions the given timestamps fall into, outside

@@ -1,9 +1,12 @@
 //! Black-box tests: each starts the real server on port 0 against a fresh
 //! database in the project's PostgreSQL and talks gRPC to it.
 mod audit_write;
+mod embedding_cache;
 mod health;
 mod helpers;
 mod incident_plans;
 mod incident_query;
+mod job_store;
+mod jobs;
 mod reflection;
 mod vector_search;

@@ -851,23 +851,18 @@ fn list_audit_events(id: Uuid, page_size: usize) -> Stmt {
     s
 }
 
-// queries.rs: action_stats without a filter.
+// queries.rs: action_stats without a filter (the rollup).
 fn action_stats() -> Stmt {
     let mut s = Stmt::new(
-        "SELECT e.action_type, count(*) AS total, \
-         count(*) FILTER (WHERE e.execution_status = ",
+        "WITH buckets AS (SELECT action_type, execution_status, duration_bucket, executions, duration_ms_sum \
+         FROM action_duration_rollup WHERE executions > 0), per_action AS ( \
+         SELECT action_type, sum(executions)::bigint AS total, \
+         coalesce(sum(executions) FILTER (WHERE execution_status = ",
     );
     s.bind(INT2, ExecutionStatus::Succeeded.code().to_string())
-        .push(") AS succeeded, count(*) FILTER (WHERE e.execution_status = ")
+        .push("), 0)::bigint AS succeeded, coalesce(sum(executions) FILTER (WHERE execution_status = ")
         .bind(INT2, ExecutionStatus::Failed.code().to_string())
-        .push(
-            ") AS failed, avg(e.duration_ms) AS mean_ms, \
-             percentile_cont(0.5) WITHIN GROUP (ORDER BY e.duration_ms) AS p50_ms, \
-             percentile_cont(0.95) WITHIN GROUP (ORDER BY e.duration_ms) AS p95_ms \
-             FROM audit_events e WHERE e.kind = ",
-        )
-        .bind(INT2, domain::AuditKind::Execution.code().to_string());
-    s.push(" GROUP BY e.action_type ORDER BY e.action_type");
+        .push(storage::ACTION_STATS_AGGREGATION);
     s
 }
 

@@ -967,7 +967,7 @@ fn incident_events_upper_bound(filter: Filter, q: &QueryCase, cap: usize) -> Stm
 fn events_in_scope(model: &ModelHandle, filter: Filter, q: &QueryCase, limit: usize) -> Stmt {
     let events = if filter.is_some() {
         "incidents i CROSS JOIN LATERAL (SELECT e.id, e.occurred_at, e.kind FROM audit_events e \
-         WHERE e.incident_id = i.id) AS e"
+         WHERE e.incident_id = i.id OFFSET 0) AS e"
     } else {
         "audit_events e"
     };

@@ -190,12 +190,21 @@ impl JobService {
         }
     }
 
-    async fn run(self: Arc<Self>, mut job: JobRecord) {
+    async fn run(self: Arc<Self>, job: JobRecord) {
         let lock = match self.store.try_lock(&format!("job:{}", job.id), self.lock_ttl()).await {
             Ok(Some(lock)) => lock,
             Ok(None) => return,
             Err(error) => {
                 tracing::warn!(job = %job.id, %error, "cannot lock the job; the supervisor retries");
+                return;
+            }
+        };
+        // The record may have moved on since it was read (another replica
+        // finished the job and released the lock): only an open job runs.
+        let mut job = match self.store.get(job.id).await {
+            Ok(Some(current)) if !current.state.is_terminal() => current,
+            _ => {
+                let _ = self.store.release_lock(&lock).await;
                 return;
             }
         };

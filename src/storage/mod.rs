@@ -22,6 +22,8 @@ use sqlx::{
 
 pub use audit::{EmbeddingDecision, PreparedWrite};
 pub use jobs::{EmbeddingTask, EventPosition};
+/// The aggregation of GetActionStats, for the benchmark's plain-SQL side.
+pub use queries::ACTION_STATS_AGGREGATION;
 pub use search::{EventKey, Ranked, SearchScope, Strategy};
 
 use crate::{

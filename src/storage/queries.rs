@@ -458,7 +458,7 @@ impl Storage {
 /// durations in bucket order) lies in the last bucket whose first rank is at
 /// most k; percentile_cont interpolates between ranks floor and ceil of
 /// q * (timed - 1).
-const ACTION_STATS_AGGREGATION: &str = "), 0)::bigint AS failed, \
+pub const ACTION_STATS_AGGREGATION: &str = "), 0)::bigint AS failed, \
     sum(duration_ms_sum) FILTER (WHERE duration_bucket IS NOT NULL) \
         / nullif(sum(executions) FILTER (WHERE duration_bucket IS NOT NULL), 0) AS mean_ms, \
     coalesce(sum(executions) FILTER (WHERE duration_bucket IS NOT NULL), 0) AS timed \

@@ -159,9 +159,10 @@ impl Storage {
     /// The events in scope that have an embedding for `model`, up to `limit`.
     ///
     /// With an incident filter the scan starts from the matching incidents
-    /// and reaches their events through the incident index (LATERAL keeps
-    /// that order): joined the other way, PostgreSQL scans every event to
-    /// find a selective filter's few hundred.
+    /// and reaches their events through the incident index: joined the
+    /// other way, PostgreSQL scans every event to find a selective filter's
+    /// few hundred (72 ms instead of 5 at 100k events). OFFSET 0 keeps the
+    /// planner from flattening the LATERAL subquery back into that join.
     pub async fn events_in_scope(
         &self,
         model: &ModelHandle,
@@ -172,7 +173,7 @@ impl Storage {
             "audit_events e"
         } else {
             "incidents i CROSS JOIN LATERAL (SELECT e.id, e.occurred_at, e.kind FROM audit_events e \
-             WHERE e.incident_id = i.id) AS e"
+             WHERE e.incident_id = i.id OFFSET 0) AS e"
         };
         let mut qb = QueryBuilder::new(format!(
             "SELECT e.id, e.occurred_at FROM {events} \

@@ -95,9 +95,16 @@ lint:
 #   (100), BENCH_ITERATIONS per scenario (200), BENCH_REUSE=1 as above;
 #   BENCH_SEARCH_EF_SEARCH and BENCH_SEARCH_ITERATIVE_SCAN try other HNSW
 #   settings than the service's defaults (100, relaxed_order).
+# - jobs: embedding cache hit rate and WriteAudit p50/p99 (one client, 30%
+#   repeated texts) with no cache, L1 only, L1 + Redis L2, and a second replica
+#   served from L2; backfill and reembed events/s vs the local model called
+#   directly. Recreates ds_bench_jobs; the L2 rows use the Redis dev-up starts.
+#   BENCH_JOBS_WRITES (1000), BENCH_JOBS_REPEAT_PERCENT (30), BENCH_JOBS_EVENTS
+#   (500), BENCH_JOBS_BATCH (jobs.batch_size, 256).
 BENCH_ENV := DATASTORAGE_BENCH_DATABASE_URL=$(DB_URL) DATASTORAGE_BENCH_MODEL_DIR=$(MODEL_DIR)
 
-bench: pg-start
+bench: dev-up
 	$(BENCH_ENV) cargo bench --bench write
 	$(BENCH_ENV) DATASTORAGE_BENCH_PSQL=$(PGBIN)/psql cargo bench --bench incidents
 	$(BENCH_ENV) cargo bench --bench search
+	$(BENCH_ENV) cargo bench --bench jobs

@@ -8,5 +8,6 @@ mod incident_plans;
 mod incident_query;
 mod job_store;
 mod jobs;
+mod jobs_redis;
 mod reflection;
 mod vector_search;

@@ -49,7 +49,7 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 mod common;
-use common::{alert_name, env_or, histogram, micros, ms, Rng, TEAMS};
+use common::{alert_name, env_or, histogram, micros, ms, row, ts, Rng, TEAMS};
 
 const DATABASE: &str = "ds_bench_incidents";
 /// Bump when the generated data changes, so BENCH_REUSE reseeds.
@@ -284,38 +284,6 @@ const INCIDENT_COPY_COLUMNS: &str = "id, remediation_request_id, correlation_id,
     cluster_stamp, label_facts, first_seen_at, last_event_at, event_count, alert_name, severity, signal_type, \
     target_kind, target_name, target_namespace, phase, resolved_at, remediation_stamp, root_cause, analysis_stamp, \
     action_type, execution_status, execution_stamp";
-
-/// COPY text format: one field, escaped; None is NULL.
-fn field(out: &mut String, value: Option<&str>) {
-    match value {
-        None => out.push_str("\\N"),
-        Some(v) => {
-            for c in v.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '\n' => out.push_str("\\n"),
-                    '\r' => out.push_str("\\r"),
-                    '\t' => out.push_str("\\t"),
-                    c => out.push(c),
-                }
-            }
-        }
-    }
-}
-
-fn row(out: &mut String, fields: &[Option<&str>]) {
-    for (i, f) in fields.iter().enumerate() {
-        if i > 0 {
-            out.push('\t');
-        }
-        field(out, *f);
-    }
-    out.push('\n');
-}
-
-fn ts(at: DateTime<Utc>) -> String {
-    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
-}
 
 type Stamp = (DateTime<Utc>, Uuid);
 

@@ -58,7 +58,7 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 mod common;
-use common::{alert_name, env_or, histogram, micros, ms, Rng, TEAMS};
+use common::{alert_name, env_or, histogram, micros, ms, row, ts, Rng, TEAMS};
 
 const DATABASE: &str = "ds_bench_search";
 const MODEL_NAME: &str = "all-MiniLM-L6-v2";
@@ -505,37 +505,6 @@ fn corpus_vectors(model: &LocalMiniLm, texts: &[String]) -> anyhow::Result<(Vec<
 // ---------------------------------------------------------------------------
 // Seeding
 // ---------------------------------------------------------------------------
-
-fn field(out: &mut String, value: Option<&str>) {
-    match value {
-        None => out.push_str("\\N"),
-        Some(v) => {
-            for c in v.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '\n' => out.push_str("\\n"),
-                    '\r' => out.push_str("\\r"),
-                    '\t' => out.push_str("\\t"),
-                    c => out.push(c),
-                }
-            }
-        }
-    }
-}
-
-fn row(out: &mut String, fields: &[Option<&str>]) {
-    for (i, f) in fields.iter().enumerate() {
-        if i > 0 {
-            out.push('\t');
-        }
-        field(out, *f);
-    }
-    out.push('\n');
-}
-
-fn ts(at: DateTime<Utc>) -> String {
-    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
-}
 
 fn at_micros(micros: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(micros).expect("timestamp in range")

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -87,4 +88,38 @@ pub fn histogram() -> Histogram<u64> {
 /// The `q` quantile in milliseconds.
 pub fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// COPY text format: one field, escaped; None is NULL.
+pub fn field(out: &mut String, value: Option<&str>) {
+    match value {
+        None => out.push_str("\\N"),
+        Some(v) => {
+            for c in v.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c => out.push(c),
+                }
+            }
+        }
+    }
+}
+
+/// One COPY text row.
+pub fn row(out: &mut String, fields: &[Option<&str>]) {
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push('\t');
+        }
+        field(out, *f);
+    }
+    out.push('\n');
+}
+
+/// A timestamp as COPY reads it, to the microsecond.
+pub fn ts(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }

@@ -40,7 +40,8 @@ async fn inspector(url: &str) -> Client {
     client
 }
 
-async fn delete_keys(prefix: &str) {
+/// Deletes every key under `prefix` (tests clean up after themselves).
+pub async fn delete_keys(prefix: &str) {
     let client = inspector(&redis_url()).await;
     let _: () = client
         .eval(

@@ -18,13 +18,12 @@ use datastorage::{
     jobs::{JobRecord, JobSpec, JobState, JobStore, RedisJobStore},
     proto::v1::{self as pb, job_status_client::JobStatusClient},
 };
-use fred::prelude::{Client, ClientLike, Config, LuaInterface};
 use tonic::{transport::Channel, Code};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 use crate::{
     helpers::{fresh_database, local_model, remediation_event, spawn_with_settings, test_settings, write, TestApp},
-    job_store::{redis_only::PrivateRedis, redis_settings, redis_url, unique_prefix},
+    job_store::{delete_keys, redis_only::PrivateRedis, redis_settings, redis_url, unique_prefix},
     jobs::{jobs_client, start, watch_to_end, Switchable},
 };
 
@@ -47,16 +46,7 @@ where
 {
     let prefix = unique_prefix();
     let outcome = tokio::spawn(test(prefix.clone())).await;
-    let redis = Client::new(Config::from_url(&redis_url()).unwrap(), None, None, None);
-    redis.init().await.expect("Redis is up (scripts/redis.sh start)");
-    let _: () = redis
-        .eval(
-            "for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end",
-            Vec::<String>::new(),
-            vec![format!("{prefix}:*")],
-        )
-        .await
-        .unwrap();
+    delete_keys(&prefix).await;
     if let Err(failure) = outcome {
         std::panic::resume_unwind(failure.into_panic());
     }

@@ -623,18 +623,31 @@ async fn self_check(conn: &mut PgConnection, channel: Channel, seed: &Seed) -> a
 
     let id = incident_id_for(&rr);
     exec(conn, "DROP TABLE chk_events, chk_incidents").await?;
+    // Events are immutable; only a recorded purge run may delete them.
+    let run: i64 = sqlx::query_scalar(
+        "INSERT INTO purge_runs (job_id, requested_by, older_than, policies) \
+         VALUES ('bench-self-check', 'bench', now(), '{}') RETURNING id",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT set_config('datastorage.purge_run', $1, true)")
+        .bind(run.to_string())
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM audit_embeddings WHERE event_id = ANY($1)")
         .bind(&ids)
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await?;
     sqlx::query("DELETE FROM pending_embeddings WHERE event_id = ANY($1)")
         .bind(&ids)
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await?;
     sqlx::query("DELETE FROM audit_events WHERE id = ANY($1)")
         .bind(&ids)
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     sqlx::query("DELETE FROM incident_sort_history WHERE incident_id = $1")
         .bind(id)
         .execute(&mut *conn)

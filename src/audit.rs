@@ -96,6 +96,7 @@ impl AuditService {
         }
         .into_iter();
 
+        let received_at = crate::domain::to_stored_precision(chrono::Utc::now());
         let mut prepared = Vec::with_capacity(requests.len());
         for (request, search_text) in requests.into_iter().zip(texts) {
             let WriteRequest {
@@ -122,6 +123,8 @@ impl AuditService {
                 },
             };
             prepared.push(PreparedWrite {
+                event_id: uuid::Uuid::now_v7(),
+                received_at,
                 event,
                 request_id,
                 search_text,

@@ -23,6 +23,9 @@ pub struct Settings {
     pub search: SearchSettings,
     pub redis: RedisSettings,
     pub jobs: JobSettings,
+    pub integrity: IntegritySettings,
+    pub retention: RetentionSettings,
+    pub outage_queue: OutageQueueSettings,
     pub log: LogSettings,
 }
 
@@ -186,6 +189,62 @@ pub struct JobSettings {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct IntegritySettings {
+    /// HMAC-SHA-256 key for new chain links, at least 32 bytes. Unset: links
+    /// are plain SHA-256, which detects edits but not an attacker who rewrites
+    /// the hashes too. Keep it outside the database.
+    #[serde(serialize_with = "serialize_optional_secret")]
+    pub chain_key: Option<SecretString>,
+    /// Recorded with every HMAC link, so a rotated key can be told apart.
+    pub chain_key_id: String,
+    /// VerifyAuditChain and export refuse chains longer than this (FAILED_PRECONDITION).
+    pub max_chain_events: u64,
+    /// Ed25519 private key (PKCS#8 PEM, `datastorage audit keygen`) that signs
+    /// exports. Unset: ExportAuditEvents is FAILED_PRECONDITION.
+    pub export_signing_key: Option<PathBuf>,
+    /// Names the signing key in every export summary.
+    pub export_key_id: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// No purge removes an event younger than this, unless a policy below
+    /// covers its category.
+    pub default_min_age_days: u32,
+    /// Per-category floors: the most specific matching policy applies.
+    pub policies: Vec<RetentionPolicySettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionPolicySettings {
+    /// `remediation`, `ai_analysis`, `workflow`, `execution` or `custom`.
+    pub kind: crate::domain::AuditKind,
+    /// Custom events only: the `event_type` this policy covers.
+    #[serde(default)]
+    pub event_type: Option<String>,
+    /// Events of this category are kept at least this long.
+    pub min_age_days: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutageQueueSettings {
+    /// While PostgreSQL is unreachable, accept writes into a Redis stream and
+    /// answer WRITE_STATE_QUEUED (needs `redis.url`). Off: UNAVAILABLE.
+    pub enabled: bool,
+    /// Deliveries of one queued write before it moves to the dead-letter stream.
+    pub max_attempts: u32,
+    /// A queued write delivered to a replica but not applied within this long
+    /// is claimed by another (or retried by the same one).
+    pub claim_idle_ms: u64,
+    /// Longest pause between replay attempts while PostgreSQL stays down.
+    pub max_backoff_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     /// `json` for machines, `pretty` for people.
     pub format: LogFormat,
@@ -267,6 +326,23 @@ impl Default for Settings {
                 batch_size: 256,
                 lock_ttl_ms: 15_000,
                 supervisor_interval_ms: 10_000,
+            },
+            integrity: IntegritySettings {
+                chain_key: None,
+                chain_key_id: "default".to_owned(),
+                max_chain_events: 100_000,
+                export_signing_key: None,
+                export_key_id: "default".to_owned(),
+            },
+            retention: RetentionSettings {
+                default_min_age_days: 0,
+                policies: Vec::new(),
+            },
+            outage_queue: OutageQueueSettings {
+                enabled: false,
+                max_attempts: 5,
+                claim_idle_ms: 30_000,
+                max_backoff_ms: 5_000,
             },
             log: LogSettings {
                 format: LogFormat::Json,
@@ -379,6 +455,53 @@ impl Settings {
         ensure!(
             self.jobs.supervisor_interval_ms >= 10,
             "jobs.supervisor_interval_ms must be at least 10"
+        );
+        if let Some(key) = &self.integrity.chain_key {
+            ensure!(
+                key.expose_secret().len() >= 32,
+                "integrity.chain_key must be at least 32 bytes"
+            );
+        }
+        ensure!(
+            !self.integrity.chain_key_id.is_empty() && !self.integrity.export_key_id.is_empty(),
+            "integrity.chain_key_id and integrity.export_key_id must not be empty"
+        );
+        ensure!(
+            self.integrity.max_chain_events >= 1,
+            "integrity.max_chain_events must be at least 1"
+        );
+        if let Some(path) = &self.integrity.export_signing_key {
+            ensure!(
+                path.is_file(),
+                "integrity.export_signing_key ({}) must be a file",
+                path.display()
+            );
+        }
+        for (index, policy) in self.retention.policies.iter().enumerate() {
+            ensure!(
+                policy.event_type.is_none() || policy.kind == crate::domain::AuditKind::Custom,
+                "retention.policies[{index}].event_type applies to kind \"custom\" only"
+            );
+            ensure!(
+                !self.retention.policies[..index]
+                    .iter()
+                    .any(|p| p.kind == policy.kind && p.event_type == policy.event_type),
+                "retention.policies[{index}] repeats an earlier policy's category"
+            );
+        }
+        if self.outage_queue.enabled {
+            ensure!(
+                self.redis.url.is_some(),
+                "outage_queue.enabled needs redis.url: the queue is a Redis stream"
+            );
+        }
+        ensure!(
+            self.outage_queue.max_attempts >= 1,
+            "outage_queue.max_attempts must be at least 1"
+        );
+        ensure!(
+            self.outage_queue.claim_idle_ms >= 100 && self.outage_queue.max_backoff_ms >= 10,
+            "outage_queue.claim_idle_ms must be at least 100 and outage_queue.max_backoff_ms at least 10"
         );
         for (index, extra) in self.embedding.extra_models.iter().enumerate() {
             ensure!(

@@ -11,6 +11,7 @@
 //! - [`audit`]: the write use case (embedding and failure policy before the transaction).
 //! - [`storage`]: PostgreSQL; owns the transaction boundary.
 //! - [`embedding`]: providers (local candle model, OpenAI-compatible HTTP), micro-batching, cache.
+//! - [`integrity`]: hash chains, legal holds, signed export, PII redaction.
 //! - [`jobs`]: job records, cancellation flags and locks, in Redis or in-process.
 //! - [`startup`]: builds the application and returns the bound ports.
 //! - [`cli`]: the `datastorage jobs …` client of a running server.
@@ -22,6 +23,7 @@ pub mod embedding;
 pub mod error;
 pub mod grpc;
 pub mod health;
+pub mod integrity;
 pub mod jobs;
 pub mod models;
 pub mod pagination;

@@ -6,7 +6,10 @@ use std::{
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use datastorage::{
-    cli::jobs::{self, JobsArgs},
+    cli::{
+        audit::{self, AuditArgs},
+        jobs::{self, JobsArgs},
+    },
     config::Settings,
     startup::{shutdown_signal, Application},
     storage, telemetry,
@@ -31,6 +34,8 @@ enum Command {
     Migrate,
     /// Start, inspect, cancel and watch maintenance jobs on a running server.
     Jobs(JobsArgs),
+    /// Save a signed audit export, check one offline, or make a signing key.
+    Audit(AuditArgs),
 }
 
 #[tokio::main]
@@ -51,6 +56,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         // A client of a running server: no server configuration, and no logs
         // mixed into its output.
         Command::Jobs(args) => return Ok(jobs::run(args).await),
+        Command::Audit(args) => return Ok(audit::run(args).await),
     }
     Ok(ExitCode::SUCCESS)
 }

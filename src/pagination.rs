@@ -28,6 +28,7 @@ const TOKEN_VERSION: u8 = 1;
 pub enum Listing {
     Incidents,
     AuditEvents,
+    LegalHolds,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -19,6 +19,7 @@ use crate::{
         vector_search::VectorSearchService,
     },
     health::{self, Readiness},
+    integrity::{chain::ChainHasher, IntegrityService},
     jobs::{runner::JobService, JobStore, MemoryJobStore, RedisJobStore},
     models::{Models, RunnableModel},
     pagination::PageTokens,
@@ -41,6 +42,7 @@ pub struct Application {
     storage: Storage,
     audit: Arc<AuditService>,
     queries: Arc<IncidentQueries>,
+    integrity: Arc<IntegrityService>,
     search: Arc<SearchService>,
     jobs: Arc<JobService>,
 }
@@ -54,7 +56,8 @@ impl Application {
 
     /// Builds with a given provider (tests share one loaded model across servers).
     pub async fn build_with_provider(settings: Settings, provider: Arc<dyn EmbeddingProvider>) -> anyhow::Result<Self> {
-        let storage = Storage::new(storage::pool(&settings.database, &settings.search)?);
+        let storage = Storage::new(storage::pool(&settings.database, &settings.search)?)
+            .with_chain_hasher(ChainHasher::new(&settings.integrity));
         if settings.database.migrate_on_start {
             storage::MIGRATOR
                 .run(storage.pool())
@@ -116,9 +119,19 @@ impl Application {
             ),
             None => Arc::new(MemoryJobStore::new()),
         };
-        let jobs = JobService::new(job_store, storage.clone(), models, settings.jobs.clone());
+        let jobs = JobService::new(
+            job_store,
+            storage.clone(),
+            models,
+            settings.jobs.clone(),
+            settings.retention.clone(),
+        );
 
         let tokens = PageTokens::new(settings.query.page_token_key.as_ref(), settings.page_token_ttl())?;
+        let integrity = Arc::new(
+            IntegrityService::new(storage.clone(), &settings.integrity, tokens.clone())
+                .context("configuring audit integrity")?,
+        );
         let queries = Arc::new(IncidentQueries::new(storage.clone(), tokens));
 
         let grpc_listener = TcpListener::bind(SocketAddr::new(settings.grpc.host, settings.grpc.port))
@@ -134,6 +147,7 @@ impl Application {
             storage,
             audit,
             queries,
+            integrity,
             search,
             jobs,
         })
@@ -166,10 +180,10 @@ impl Application {
         let reflection_v1 = reflection_builder().build_v1()?;
         let reflection_v1alpha = reflection_builder().build_v1alpha()?;
         let max = self.settings.grpc.max_message_bytes;
-        let audit_write = AuditWriteServer::new(AuditWriteService::new(self.audit))
+        let audit_write = AuditWriteServer::new(AuditWriteService::new(self.audit, self.integrity.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-        let incident_query = IncidentQueryServer::new(IncidentQueryService::new(self.queries))
+        let incident_query = IncidentQueryServer::new(IncidentQueryService::new(self.queries, self.integrity))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
         let vector_search = VectorSearchServer::new(VectorSearchService::new(self.search))

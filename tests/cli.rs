@@ -36,6 +36,10 @@ struct Server {
 
 impl Server {
     async fn start() -> Server {
+        Server::start_with(|_| {}).await
+    }
+
+    async fn start_with(customize: impl FnOnce(&mut Settings)) -> Server {
         let database = format!("ds_cli_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url())
             .await
@@ -53,6 +57,7 @@ impl Server {
         settings.database.url = SecretString::from(database_url(&database));
         settings.database.max_connections = 5;
         settings.embedding.model_dir = model_dir();
+        customize(&mut settings);
         let model = LocalMiniLm::load(&model_dir(), "all-MiniLM-L6-v2").expect("model loads (make deps)");
         let app = Application::build_with_provider(settings, Arc::new(model))
             .await
@@ -327,4 +332,81 @@ async fn a_bad_command_line_is_status_2() {
     let run = datastorage(&["jobs", "start", "purge", "--older-than", "last tuesday"]).await;
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("expected an RFC 3339 timestamp"), "{run:?}");
+}
+
+#[tokio::test]
+async fn an_audit_export_saved_by_the_cli_verifies_offline_until_a_byte_changes() {
+    use datastorage::proto::v1::{self as pb, audit_write_client::AuditWriteClient};
+
+    let dir = std::env::temp_dir().join(format!("ds-cli-audit-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("export.pem");
+    let keygen = datastorage(&["audit", "keygen", "--out", key.to_str().unwrap()]).await;
+    assert_eq!(keygen.code, Some(0), "{keygen:?}");
+    let server = Server::start_with(|s| s.integrity.export_signing_key = Some(key.clone())).await;
+
+    let mut client = AuditWriteClient::connect(server.addr.clone()).await.unwrap();
+    for step in ["scale up", "roll back"] {
+        let event = pb::AuditEvent {
+            correlation_id: "corr-cli".into(),
+            remediation_request_id: "rr-cli".into(),
+            occurred_at: Some(prost_types::Timestamp {
+                seconds: chrono::Utc::now().timestamp() - 60,
+                nanos: 0,
+            }),
+            namespace: "payments".into(),
+            payload: Some(pb::audit_event::Payload::Custom(pb::CustomAudit {
+                event_type: "operator_note".into(),
+                text: step.into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        client
+            .write_audit(pb::WriteAuditRequest {
+                event: Some(event),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    let file = dir.join("corr-cli.jsonl");
+    let export = datastorage(&[
+        "audit",
+        "export",
+        "--addr",
+        &server.addr,
+        "--correlation-id",
+        "corr-cli",
+        "--out",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(export.code, Some(0), "{export:?}");
+    assert!(
+        export.stdout.contains("exported 2 events (2 verified, 0 tampered)"),
+        "{export:?}"
+    );
+
+    let public = dir.join("export.pem.pub");
+    let verify_args = [
+        "audit",
+        "verify-export",
+        file.to_str().unwrap(),
+        "--public-key",
+        public.to_str().unwrap(),
+    ];
+    let ok = datastorage(&verify_args).await;
+    assert_eq!(ok.code, Some(0), "{ok:?}");
+    assert!(ok.stdout.starts_with("OK: signature valid"), "{ok:?}");
+
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.windows(8).position(|w| w == b"roll bac").unwrap();
+    bytes[at] = b'R';
+    std::fs::write(&file, bytes).unwrap();
+    let tampered = datastorage(&verify_args).await;
+    assert_eq!(tampered.code, Some(3), "{tampered:?}");
+    assert!(tampered.stdout.starts_with("NOT AUTHENTIC"), "{tampered:?}");
+    server.stop().await;
 }

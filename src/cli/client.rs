@@ -109,6 +109,9 @@ pub enum CliError {
     WatchEnded { id: String, last_state: String },
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+    /// A local file or key problem, already worded for the user.
+    #[error("{0}")]
+    Local(String),
 }
 
 /// `UNAVAILABLE: job store is unavailable; retry later`: the code's canonical

@@ -5,8 +5,10 @@
 //! are one line on stderr (`error: UNAVAILABLE: …`), never a debug dump.
 //!
 //! - [`jobs`]: `datastorage jobs start|get|list|cancel|watch`.
+//! - [`audit`]: `datastorage audit export|verify-export|keygen`.
 //! - `client`: the connection (`--addr`, `--token`) and the error a command reports.
 //! - `render`: how a job looks, as a table for people and as JSON for machines.
+pub mod audit;
 mod client;
 pub mod jobs;
 mod render;

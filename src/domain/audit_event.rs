@@ -21,6 +21,12 @@ pub const NUL_MESSAGE: &str = "must not contain NUL (U+0000) characters";
 /// Clocks drift; an event stamped further ahead than this is a bug in the writer.
 pub const MAX_FUTURE_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
+/// PostgreSQL keeps microseconds; timestamps are cut to that precision when
+/// they enter the domain, so what is hashed and returned is what is stored.
+pub fn to_stored_precision(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
     pub correlation_id: String,
@@ -329,6 +335,17 @@ impl EmbeddingState {
             4 => EmbeddingState::Deferred,
             _ => return None,
         })
+    }
+
+    /// The name exports use (the contract's enum value, lower case).
+    pub fn name(self) -> &'static str {
+        match self {
+            EmbeddingState::NotEmbedded => "not_embedded",
+            EmbeddingState::Generated => "generated",
+            EmbeddingState::Cached => "cached",
+            EmbeddingState::Provided => "provided",
+            EmbeddingState::Deferred => "deferred",
+        }
     }
 }
 

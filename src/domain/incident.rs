@@ -146,6 +146,11 @@ pub struct StoredEvent {
     pub source: String,
     pub embedding_state: EmbeddingState,
     pub trace_id: Option<String>,
+    /// Its link in the correlation id's hash chain (None: the first event).
+    pub previous_event_hash: Option<Vec<u8>>,
+    pub event_hash: Option<Vec<u8>>,
+    /// Whether a legal hold on its correlation id is in force.
+    pub legal_hold: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -3,10 +3,12 @@
 //! core never sees protobuf types or unchecked strings.
 mod audit_event;
 mod incident;
+mod integrity;
 mod search;
 mod violations;
 
 pub use audit_event::*;
 pub use incident::*;
+pub use integrity::*;
 pub use search::*;
 pub use violations::{FieldViolation, Violations};

@@ -4,12 +4,13 @@ use tonic::{Request, Response, Status};
 
 use super::{
     convert::{self, ValidationContext},
-    ANONYMOUS_SOURCE,
+    render, ANONYMOUS_SOURCE,
 };
 use crate::{
     audit::AuditService,
     domain::{EmbeddingState, Violations, WriteReceipt},
     error::CoreError,
+    integrity::IntegrityService,
     proto::v1::{self as pb, audit_write_server::AuditWrite},
 };
 
@@ -18,11 +19,12 @@ pub const MAX_BATCH: usize = 1000;
 
 pub struct AuditWriteService {
     audit: Arc<AuditService>,
+    integrity: Arc<IntegrityService>,
 }
 
 impl AuditWriteService {
-    pub fn new(audit: Arc<AuditService>) -> Self {
-        AuditWriteService { audit }
+    pub fn new(audit: Arc<AuditService>, integrity: Arc<IntegrityService>) -> Self {
+        AuditWriteService { audit, integrity }
     }
 
     fn context(&self) -> ValidationContext {
@@ -104,18 +106,29 @@ impl AuditWrite for AuditWriteService {
         }))
     }
 
-    async fn place_legal_hold(&self, _: Request<pb::PlaceLegalHoldRequest>) -> Result<Response<pb::LegalHold>, Status> {
-        Err(Status::unimplemented(
-            "legal holds arrive with the audit-integrity release",
-        ))
+    async fn place_legal_hold(
+        &self,
+        request: Request<pb::PlaceLegalHoldRequest>,
+    ) -> Result<Response<pb::LegalHold>, Status> {
+        let pb::PlaceLegalHoldRequest { correlation_id, reason } = request.into_inner();
+        let hold = convert::hold_request(correlation_id, reason).map_err(CoreError::InvalidInput)?;
+        let placed = self
+            .integrity
+            .place_hold(&hold.correlation_id, &hold.reason, ANONYMOUS_SOURCE)
+            .await?;
+        Ok(Response::new(render::legal_hold(placed)))
     }
 
     async fn release_legal_hold(
         &self,
-        _: Request<pb::ReleaseLegalHoldRequest>,
+        request: Request<pb::ReleaseLegalHoldRequest>,
     ) -> Result<Response<pb::LegalHold>, Status> {
-        Err(Status::unimplemented(
-            "legal holds arrive with the audit-integrity release",
-        ))
+        let pb::ReleaseLegalHoldRequest { correlation_id, reason } = request.into_inner();
+        let hold = convert::hold_request(correlation_id, reason).map_err(CoreError::InvalidInput)?;
+        let released = self
+            .integrity
+            .release_hold(&hold.correlation_id, &hold.reason, ANONYMOUS_SOURCE)
+            .await?;
+        Ok(Response::new(render::legal_hold(released)))
     }
 }

@@ -10,11 +10,11 @@ use uuid::Uuid;
 
 use crate::{
     domain::{
-        self, AiAnalysis, AuditEvent, AuditKind, Custom, EmbeddingVector, Execution, ExecutionStatus, IncidentFilter,
-        IncidentKey, IncidentOrder, Payload, Phase, Remediation, RequestId, ResourceRef, SearchInput, SearchMode,
-        SearchRequest, Severity, TimelineQuery, TimelineScope, Violations, Workflow, WriteRequest, DEFAULT_TOP_K,
-        MAX_CUSTOM_DATA_BYTES, MAX_CUSTOM_DATA_DEPTH, MAX_FREE_TEXT_BYTES, MAX_FUTURE_SKEW, MAX_ID_CHARS, MAX_LABELS,
-        MAX_LABEL_KEY_CHARS, MAX_TOP_K, NUL_MESSAGE,
+        self, to_stored_precision, AiAnalysis, AuditEvent, AuditKind, Custom, EmbeddingVector, Execution,
+        ExecutionStatus, ExportRequest, HoldRequest, IncidentFilter, IncidentKey, IncidentOrder, Payload, Phase,
+        Remediation, RequestId, ResourceRef, SearchInput, SearchMode, SearchRequest, Severity, TimelineQuery,
+        TimelineScope, Violations, Workflow, WriteRequest, DEFAULT_TOP_K, MAX_CUSTOM_DATA_BYTES, MAX_CUSTOM_DATA_DEPTH,
+        MAX_FREE_TEXT_BYTES, MAX_FUTURE_SKEW, MAX_ID_CHARS, MAX_LABELS, MAX_LABEL_KEY_CHARS, MAX_TOP_K, NUL_MESSAGE,
     },
     jobs::{JobCursor, JobListFilter, JobSpec, JobState},
     proto::v1 as pb,
@@ -195,7 +195,7 @@ fn audit_event(v: &mut Violations, prefix: &str, event: pb::AuditEvent, ctx: &Va
             v.add(&occurred_field, "is required");
             None
         }
-        Some(ts) => timestamp(v, &occurred_field, ts).filter(|at| {
+        Some(ts) => timestamp(v, &occurred_field, ts).map(to_stored_precision).filter(|at| {
             let too_late = *at > ctx.now + MAX_FUTURE_SKEW;
             if too_late {
                 v.add(&occurred_field, "must not be more than 5 minutes in the future");
@@ -666,6 +666,39 @@ pub fn action_stats_filter(request: pb::GetActionStatsRequest) -> Result<Inciden
     let mut v = Violations::new();
     let filter = incident_filter(&mut v, "filter", request.filter);
     v.into_result(|| filter)
+}
+
+/// Longest legal-hold reason.
+pub const MAX_HOLD_REASON_CHARS: usize = 1000;
+
+pub fn hold_request(correlation_id: String, reason: String) -> Result<HoldRequest, Violations> {
+    let mut v = Violations::new();
+    let correlation_id = required_id(&mut v, "correlation_id".into(), correlation_id);
+    let reason = required_text(&mut v, "reason".into(), reason, MAX_HOLD_REASON_CHARS);
+    v.into_result(|| HoldRequest { correlation_id, reason })
+}
+
+pub fn list_holds_page_size(requested: i32) -> Result<usize, Violations> {
+    let mut v = Violations::new();
+    let size = page_size(&mut v, "page_size", requested);
+    v.into_result(|| size)
+}
+
+pub fn verify_chain_request(request: pb::VerifyAuditChainRequest) -> Result<String, Violations> {
+    let mut v = Violations::new();
+    let correlation_id = required_id(&mut v, "correlation_id".into(), request.correlation_id);
+    v.into_result(|| correlation_id)
+}
+
+pub fn export_request(request: pb::ExportAuditEventsRequest) -> Result<ExportRequest, Violations> {
+    let mut v = Violations::new();
+    let filter = incident_filter(&mut v, "filter", request.filter);
+    let correlation_id = optional_text(&mut v, "correlation_id".into(), request.correlation_id, MAX_ID_CHARS);
+    v.into_result(|| ExportRequest {
+        filter,
+        correlation_id,
+        redact_pii: request.redact_pii,
+    })
 }
 
 pub fn search_request(request: pb::SearchSimilarRequest) -> Result<SearchRequest, Violations> {

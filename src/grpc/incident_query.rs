@@ -1,26 +1,26 @@
 use std::sync::Arc;
 
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::{convert, render};
 use crate::{
     error::CoreError,
+    integrity::IntegrityService,
     proto::v1::{self as pb, incident_query_server::IncidentQuery},
     query::IncidentQueries,
 };
 
 pub struct IncidentQueryService {
     queries: Arc<IncidentQueries>,
+    integrity: Arc<IntegrityService>,
 }
 
 impl IncidentQueryService {
-    pub fn new(queries: Arc<IncidentQueries>) -> Self {
-        IncidentQueryService { queries }
+    pub fn new(queries: Arc<IncidentQueries>, integrity: Arc<IntegrityService>) -> Self {
+        IncidentQueryService { queries, integrity }
     }
 }
-
-const INTEGRITY_PENDING: &str =
-    "audit-chain verification, legal holds and export arrive with the audit-integrity release";
 
 #[tonic::async_trait]
 impl IncidentQuery for IncidentQueryService {
@@ -73,16 +73,24 @@ impl IncidentQuery for IncidentQueryService {
 
     async fn verify_audit_chain(
         &self,
-        _: Request<pb::VerifyAuditChainRequest>,
+        request: Request<pb::VerifyAuditChainRequest>,
     ) -> Result<Response<pb::VerifyAuditChainResponse>, Status> {
-        Err(Status::unimplemented(INTEGRITY_PENDING))
+        let correlation_id = convert::verify_chain_request(request.into_inner()).map_err(CoreError::InvalidInput)?;
+        let report = self.integrity.verify_chain(&correlation_id).await?;
+        Ok(Response::new(render::chain_report(report)))
     }
 
     async fn list_legal_holds(
         &self,
-        _: Request<pb::ListLegalHoldsRequest>,
+        request: Request<pb::ListLegalHoldsRequest>,
     ) -> Result<Response<pb::ListLegalHoldsResponse>, Status> {
-        Err(Status::unimplemented(INTEGRITY_PENDING))
+        let pb::ListLegalHoldsRequest { page_size, page_token } = request.into_inner();
+        let page_size = convert::list_holds_page_size(page_size).map_err(CoreError::InvalidInput)?;
+        let page = self.integrity.list_holds(page_size, &page_token).await?;
+        Ok(Response::new(pb::ListLegalHoldsResponse {
+            holds: page.items.into_iter().map(render::legal_hold).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
     }
 
     type ExportAuditEventsStream =
@@ -90,8 +98,12 @@ impl IncidentQuery for IncidentQueryService {
 
     async fn export_audit_events(
         &self,
-        _: Request<pb::ExportAuditEventsRequest>,
+        request: Request<pb::ExportAuditEventsRequest>,
     ) -> Result<Response<Self::ExportAuditEventsStream>, Status> {
-        Err(Status::unimplemented(INTEGRITY_PENDING))
+        let export = convert::export_request(request.into_inner()).map_err(CoreError::InvalidInput)?;
+        let items = self.integrity.export(export).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(items)
+            .map(|item| item.map(render::export_item).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,12 +1,14 @@
 //! Domain → protobuf for answers. Destructuring by name keeps every domain
 //! field accounted for, as `convert` does in the other direction.
 use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 use crate::{
     domain::{
-        ActionStats, AiAnalysis, AuditEvent, Custom, Execution, Incident, Payload, Remediation, ResourceRef, SearchHit,
-        StoredEvent, Workflow,
+        ActionStats, AiAnalysis, AuditEvent, Custom, Execution, HoldRelease, Incident, LegalHold, Payload, Remediation,
+        ResourceRef, SearchHit, StoredEvent, Workflow,
     },
+    integrity::{chain::ChainReport, ExportItem},
     jobs::{JobRecord, JobState},
     proto::v1 as pb,
 };
@@ -188,6 +190,9 @@ pub fn stored_event(stored: StoredEvent) -> pb::StoredAuditEvent {
         source,
         embedding_state,
         trace_id,
+        previous_event_hash,
+        event_hash,
+        legal_hold,
     } = stored;
     pb::StoredAuditEvent {
         event_id: event_id.to_string(),
@@ -197,11 +202,91 @@ pub fn stored_event(stored: StoredEvent) -> pb::StoredAuditEvent {
         source,
         embedding_state: embedding_state.code().into(),
         trace_id: trace_id.unwrap_or_default(),
-        // The hash chain and legal holds arrive with the audit-integrity work.
-        event_hash: String::new(),
-        previous_event_hash: String::new(),
-        legal_hold: false,
+        event_hash: event_hash.map(hex::encode).unwrap_or_default(),
+        previous_event_hash: previous_event_hash.map(hex::encode).unwrap_or_default(),
+        legal_hold,
     }
+}
+
+pub fn legal_hold(hold: LegalHold) -> pb::LegalHold {
+    let LegalHold {
+        id: _,
+        correlation_id,
+        reason,
+        placed_by,
+        placed_at,
+        events_affected,
+        release,
+    } = hold;
+    let (released_at, released_by, release_reason) = match release {
+        Some(HoldRelease {
+            released_at,
+            released_by,
+            reason,
+        }) => (Some(timestamp(released_at)), released_by, reason),
+        None => (None, String::new(), String::new()),
+    };
+    pb::LegalHold {
+        correlation_id,
+        reason,
+        placed_by,
+        placed_at: Some(timestamp(placed_at)),
+        events_affected,
+        released_at,
+        released_by,
+        release_reason,
+    }
+}
+
+pub fn chain_report(report: ChainReport) -> pb::VerifyAuditChainResponse {
+    pb::VerifyAuditChainResponse {
+        valid: report.valid(),
+        total_events: report.total_events,
+        verified_events: report.verified_events,
+        tampered_event_ids: report.tampered.iter().map(Uuid::to_string).collect(),
+    }
+}
+
+pub fn export_item(item: ExportItem) -> pb::ExportAuditEventsResponse {
+    use pb::export_audit_events_response::Item;
+    let item = match item {
+        ExportItem::Event {
+            event_id,
+            incident_id,
+            event,
+            chain_verified,
+            signed_line,
+        } => Item::Event(pb::ExportedAuditEvent {
+            event: Some(match event {
+                Some(event) => stored_event(*event),
+                None => pb::StoredAuditEvent {
+                    event_id: event_id.to_string(),
+                    incident_id: incident_id.to_string(),
+                    ..Default::default()
+                },
+            }),
+            chain_verified,
+            signed_line,
+        }),
+        ExportItem::Summary {
+            total_events,
+            verified_events,
+            tampered_event_ids,
+            signature_algorithm,
+            signature,
+            key_id,
+            signed_line,
+        } => Item::Summary(pb::ExportSummary {
+            total_events,
+            verified_events,
+            tampered_event_ids: tampered_event_ids.iter().map(Uuid::to_string).collect(),
+            signature_algorithm: signature_algorithm.to_owned(),
+            signature,
+            key_id,
+            signed_line,
+        }),
+    };
+    pb::ExportAuditEventsResponse { item: Some(item) }
 }
 
 pub fn action_stats(stats: ActionStats) -> pb::ActionStats {

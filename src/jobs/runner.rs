@@ -17,10 +17,10 @@ use super::store::{
     JobChanges, JobCursor, JobFailure, JobListFilter, JobRecord, JobSpec, JobState, JobStore, JobStoreError,
 };
 use crate::{
-    config::JobSettings,
+    config::{JobSettings, RetentionSettings},
     error::CoreError,
     models::{Models, RunnableModel},
-    storage::{EmbeddingTask, ModelHandle, Storage},
+    storage::{EmbeddingTask, ModelHandle, RetentionCutoffs, Storage},
 };
 
 impl From<JobStoreError> for CoreError {
@@ -40,6 +40,7 @@ pub struct JobService {
     storage: Storage,
     models: Arc<Models>,
     settings: JobSettings,
+    retention: RetentionSettings,
 }
 
 /// How a run ended, before it is recorded.
@@ -52,12 +53,19 @@ enum Outcome {
 }
 
 impl JobService {
-    pub fn new(store: Arc<dyn JobStore>, storage: Storage, models: Arc<Models>, settings: JobSettings) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        storage: Storage,
+        models: Arc<Models>,
+        settings: JobSettings,
+        retention: RetentionSettings,
+    ) -> Arc<Self> {
         Arc::new(JobService {
             store,
             storage,
             models,
             settings,
+            retention,
         })
     }
 
@@ -410,46 +418,68 @@ impl JobService {
 
     /// Whole months first (cheap, and no row deletes for the HNSW index to
     /// vacuum), then the rest in batches, then incidents left with no events.
+    /// Retention floors and legal holds keep events back; the run is recorded
+    /// in purge_runs, and every removed event leaves a tombstone in its chain.
     async fn purge(
         &self,
         job: &mut JobRecord,
-        cutoff: DateTime<Utc>,
+        older_than: DateTime<Utc>,
         lost: &watch::Receiver<bool>,
     ) -> Result<Outcome, CoreError> {
-        job.total = self.storage.events_before_count(cutoff).await?;
+        let cutoffs = RetentionCutoffs::new(older_than, Utc::now(), &self.retention);
+        let run = self
+            .storage
+            .start_purge_run(&job.id.to_string(), &job.created_by, older_than, &cutoffs)
+            .await?;
+        job.total = self.storage.events_before_count(older_than).await?;
         self.save(job).await;
-        let (mut partitions, mut incidents) = (0u64, 0u64);
-        for month in self.storage.partitions_before(cutoff).await? {
+        let (mut partitions, mut incidents) = (0i64, 0u64);
+        for month in self.storage.partitions_before(cutoffs.earliest()).await? {
             if let Some(stop) = self.interrupted(job, lost).await {
                 return Ok(stop);
             }
-            job.done += self.storage.drop_month(month).await? as i64;
-            partitions += 1;
-            self.save(job).await;
+            if let Some(dropped) = self.storage.drop_month(month, run).await? {
+                job.done += dropped as i64;
+                partitions += 1;
+                self.save(job).await;
+            }
         }
+        let mut after = None;
         loop {
             if let Some(stop) = self.interrupted(job, lost).await {
                 return Ok(stop);
             }
-            let deleted = self.storage.delete_events_before(cutoff, self.batch_size()).await?;
-            if deleted == 0 {
-                break;
-            }
+            let (deleted, last) = self
+                .storage
+                .delete_events_before(&cutoffs, run, after, self.batch_size())
+                .await?;
+            let Some(last) = last else { break };
+            after = Some(last);
             job.done += deleted as i64;
             self.save(job).await;
         }
         loop {
-            let deleted = self.storage.delete_incidents_before(cutoff, self.batch_size()).await?;
+            let deleted = self
+                .storage
+                .delete_incidents_before(older_than, self.batch_size())
+                .await?;
             if deleted == 0 {
                 break;
             }
             incidents += deleted;
         }
+        let (held, kept_by_policy) = self
+            .storage
+            .finish_purge_run(run, job.done, partitions, older_than)
+            .await?;
         Ok(Outcome::Succeeded(object(json!({
-            "older_than": cutoff.to_rfc3339(),
+            "older_than": older_than.to_rfc3339(),
+            "purge_run": run,
             "events_deleted": job.done,
             "partitions_dropped": partitions,
             "incidents_deleted": incidents,
+            "events_held": held,
+            "events_kept_by_policy": kept_by_policy,
         }))))
     }
 

@@ -8,7 +8,11 @@ use sqlx::QueryBuilder;
 use uuid::Uuid;
 
 use super::{ModelHandle, Storage};
-use crate::{domain::EmbeddingState, error::CoreError};
+use crate::{
+    config::RetentionSettings,
+    domain::{AuditKind, EmbeddingState},
+    error::CoreError,
+};
 
 /// An event that needs an embedding for a model, and the text to embed.
 #[derive(Debug, Clone)]
@@ -195,37 +199,125 @@ impl Storage {
             .map_err(CoreError::database)
     }
 
+    /// Opens the record of a purge run; its id authorises the run's deletes.
+    pub async fn start_purge_run(
+        &self,
+        job_id: &str,
+        requested_by: &str,
+        older_than: DateTime<Utc>,
+        cutoffs: &RetentionCutoffs,
+    ) -> Result<i64, CoreError> {
+        sqlx::query_scalar(
+            "INSERT INTO purge_runs (job_id, requested_by, older_than, policies) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(job_id)
+        .bind(requested_by)
+        .bind(older_than)
+        .bind(cutoffs.describe())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(CoreError::database)
+    }
+
+    /// Closes the run's record with what it removed and what it had to keep
+    /// of the events older than `older_than`: (held, kept by a policy).
+    pub async fn finish_purge_run(
+        &self,
+        run: i64,
+        purged: i64,
+        partitions_dropped: i64,
+        older_than: DateTime<Utc>,
+    ) -> Result<(i64, i64), CoreError> {
+        sqlx::query_as(
+            "WITH kept AS (SELECT count(*) FILTER (WHERE audit_event_is_held(correlation_id)) AS held, \
+                                  count(*) FILTER (WHERE NOT audit_event_is_held(correlation_id)) AS by_policy \
+                           FROM audit_events WHERE occurred_at < $4) \
+             UPDATE purge_runs SET finished_at = now(), events_purged = $2, partitions_dropped = $3, \
+                    events_held = kept.held, events_kept_by_policy = kept.by_policy \
+             FROM kept WHERE id = $1 RETURNING kept.held, kept.by_policy",
+        )
+        .bind(run)
+        .bind(purged)
+        .bind(partitions_dropped)
+        .bind(older_than)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(CoreError::database)
+    }
+
     /// Drops the month starting at `month_start` (events, embeddings, pending
-    /// markers), after taking its executions out of the action rollup, in one
-    /// transaction. Returns the events dropped.
-    pub async fn drop_month(&self, month_start: DateTime<Utc>) -> Result<u64, CoreError> {
+    /// markers) after taking its executions out of the action rollup and
+    /// leaving its tombstones, in one transaction. Returns the events dropped,
+    /// or None when the month holds held events (the row deletes handle it).
+    pub async fn drop_month(&self, month_start: DateTime<Utc>, run: i64) -> Result<Option<u64>, CoreError> {
         let mut tx = self.pool.begin().await.map_err(CoreError::database)?;
-        let events: i64 = sqlx::query_scalar("SELECT drop_audit_month($1)")
+        let events: Option<i64> = sqlx::query_scalar("SELECT drop_audit_month($1, $2)")
             .bind(month_start)
+            .bind(run)
             .fetch_one(&mut *tx)
             .await
             .map_err(CoreError::database)?;
         tx.commit().await.map_err(CoreError::database)?;
         self.forget_partitions();
-        Ok(events as u64)
+        Ok(events.map(|n| n as u64))
     }
 
-    /// Deletes up to `limit` events older than `cutoff` (with their embeddings
-    /// and markers) from months that also hold newer events.
-    pub async fn delete_events_before(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<u64, CoreError> {
+    /// Looks at up to `limit` events after `after` (in occurred_at, id order)
+    /// that are older than the latest cutoff, and deletes those their
+    /// category's cutoff lets go and no hold keeps, with their embeddings and
+    /// markers. Holds are locked (SHARE) for the transaction, so none can be
+    /// placed between the check and the delete. Returns the events deleted
+    /// and the last one looked at (None: nothing left to look at).
+    pub async fn delete_events_before(
+        &self,
+        cutoffs: &RetentionCutoffs,
+        run: i64,
+        after: Option<EventPosition>,
+        limit: usize,
+    ) -> Result<(u64, Option<EventPosition>), CoreError> {
         let mut tx = self.pool.begin().await.map_err(CoreError::database)?;
-        let keys: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT id, occurred_at FROM audit_events WHERE occurred_at < $1 ORDER BY occurred_at, id LIMIT $2",
+        sqlx::query("SELECT set_config('datastorage.purge_run', $1, true)")
+            .bind(run.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(CoreError::database)?;
+        sqlx::query("LOCK TABLE legal_holds IN SHARE MODE")
+            .execute(&mut *tx)
+            .await
+            .map_err(CoreError::database)?;
+        let (after_at, after_id) = after.unzip();
+        let (kinds, types, policy_cutoffs) = cutoffs.policy_columns();
+        let scanned: Vec<(Uuid, DateTime<Utc>, bool)> = sqlx::query_as(
+            "WITH scanned AS ( \
+                 SELECT e.id, e.occurred_at, e.kind, e.payload->>'event_type' AS event_type, e.correlation_id \
+                 FROM audit_events e \
+                 WHERE e.occurred_at < $1 AND ($2::timestamptz IS NULL OR (e.occurred_at, e.id) > ($2, $3)) \
+                 ORDER BY e.occurred_at, e.id LIMIT $4) \
+             SELECT s.id, s.occurred_at, \
+                    s.occurred_at < coalesce( \
+                        (SELECT p.cutoff FROM unnest($5::smallint[], $6::text[], $7::timestamptz[]) \
+                                 AS p(kind, event_type, cutoff) \
+                         WHERE p.kind = s.kind AND (p.event_type IS NULL OR p.event_type = s.event_type) \
+                         ORDER BY p.event_type IS NULL LIMIT 1), $8) \
+                    AND NOT audit_event_is_held(s.correlation_id) \
+             FROM scanned s ORDER BY s.occurred_at, s.id",
         )
-        .bind(cutoff)
+        .bind(cutoffs.latest())
+        .bind(after_at)
+        .bind(after_id)
         .bind(limit as i64)
+        .bind(&kinds)
+        .bind(&types)
+        .bind(&policy_cutoffs)
+        .bind(cutoffs.default)
         .fetch_all(&mut *tx)
         .await
         .map_err(CoreError::database)?;
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let (ids, ats): (Vec<Uuid>, Vec<DateTime<Utc>>) = keys.into_iter().unzip();
+        let Some(&(last_id, last_at, _)) = scanned.last() else {
+            return Ok((0, None));
+        };
+        let (ids, ats): (Vec<Uuid>, Vec<DateTime<Utc>>) =
+            scanned.into_iter().filter(|s| s.2).map(|(id, at, _)| (id, at)).unzip();
         for table in ["audit_embeddings", "pending_embeddings"] {
             // The table name is one of two constants.
             sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -249,15 +341,17 @@ impl Storage {
         .map_err(CoreError::database)?
         .rows_affected();
         tx.commit().await.map_err(CoreError::database)?;
-        Ok(deleted)
+        Ok((deleted, Some((last_at, last_id))))
     }
 
-    /// Deletes up to `limit` incidents whose every event is older than
-    /// `cutoff` (their last event is), so they have none left after a purge.
+    /// Deletes up to `limit` incidents whose last event is older than
+    /// `cutoff` and that have no event left.
     pub async fn delete_incidents_before(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<u64, CoreError> {
         let deleted = sqlx::query(
             "DELETE FROM incidents WHERE id IN \
-             (SELECT id FROM incidents WHERE last_event_at < $1 ORDER BY last_event_at, id LIMIT $2)",
+             (SELECT i.id FROM incidents i WHERE i.last_event_at < $1 \
+                AND NOT EXISTS (SELECT 1 FROM audit_events e WHERE e.incident_id = i.id) \
+              ORDER BY i.last_event_at, i.id LIMIT $2)",
         )
         .bind(cutoff)
         .bind(limit as i64)
@@ -310,5 +404,105 @@ fn task((event_id, occurred_at, text): (Uuid, DateTime<Utc>, String)) -> Embeddi
         event_id,
         occurred_at,
         text,
+    }
+}
+
+/// The cutoffs of one purge: an event may go when it is older than the cutoff
+/// of its category, which is the requested `older_than` or, when a retention
+/// floor is later, the floor. The most specific policy of an event applies
+/// (a custom event type before its kind, a kind before the default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetentionCutoffs {
+    pub default: DateTime<Utc>,
+    pub policies: Vec<PolicyCutoff>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyCutoff {
+    pub kind: AuditKind,
+    pub event_type: Option<String>,
+    pub cutoff: DateTime<Utc>,
+}
+
+impl RetentionCutoffs {
+    pub fn new(older_than: DateTime<Utc>, now: DateTime<Utc>, settings: &RetentionSettings) -> Self {
+        let floor = |days: u32| older_than.min(now - chrono::Duration::days(i64::from(days)));
+        RetentionCutoffs {
+            default: floor(settings.default_min_age_days),
+            policies: settings
+                .policies
+                .iter()
+                .map(|p| PolicyCutoff {
+                    kind: p.kind,
+                    event_type: p.event_type.clone(),
+                    cutoff: floor(p.min_age_days),
+                })
+                .collect(),
+        }
+    }
+
+    /// Months that end before this hold only events every policy lets go.
+    pub fn earliest(&self) -> DateTime<Utc> {
+        self.policies.iter().map(|p| p.cutoff).fold(self.default, DateTime::min)
+    }
+
+    /// No event after this may go.
+    pub fn latest(&self) -> DateTime<Utc> {
+        self.policies.iter().map(|p| p.cutoff).fold(self.default, DateTime::max)
+    }
+
+    fn policy_columns(&self) -> (Vec<i16>, Vec<Option<String>>, Vec<DateTime<Utc>>) {
+        let kinds = self.policies.iter().map(|p| p.kind.code()).collect();
+        let types = self.policies.iter().map(|p| p.event_type.clone()).collect();
+        let cutoffs = self.policies.iter().map(|p| p.cutoff).collect();
+        (kinds, types, cutoffs)
+    }
+
+    /// The run record's account of the cutoffs it applied.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "default_cutoff": self.default.to_rfc3339(),
+            "policies": self.policies.iter().map(|p| serde_json::json!({
+                "kind": p.kind,
+                "event_type": p.event_type,
+                "cutoff": p.cutoff.to_rfc3339(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetentionPolicySettings;
+
+    #[test]
+    fn floors_only_ever_move_a_cutoff_back() {
+        let now = DateTime::parse_from_rfc3339("2026-11-23T00:00:00Z").unwrap().to_utc();
+        let older_than = now - chrono::Duration::days(30);
+        let settings = RetentionSettings {
+            default_min_age_days: 7,
+            policies: vec![
+                RetentionPolicySettings {
+                    kind: AuditKind::Execution,
+                    event_type: None,
+                    min_age_days: 2555,
+                },
+                RetentionPolicySettings {
+                    kind: AuditKind::Custom,
+                    event_type: Some("login".into()),
+                    min_age_days: 90,
+                },
+            ],
+        };
+        let cutoffs = RetentionCutoffs::new(older_than, now, &settings);
+        assert_eq!(
+            cutoffs.default, older_than,
+            "a 7-day floor does not hold back a 30-day purge"
+        );
+        assert_eq!(cutoffs.policies[0].cutoff, now - chrono::Duration::days(2555));
+        assert_eq!(cutoffs.policies[1].cutoff, now - chrono::Duration::days(90));
+        assert_eq!(cutoffs.earliest(), now - chrono::Duration::days(2555));
+        assert_eq!(cutoffs.latest(), older_than);
     }
 }

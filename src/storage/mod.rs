@@ -2,6 +2,7 @@
 //! hand it validated domain values; it never sees protobuf types.
 mod audit;
 mod incidents;
+mod integrity;
 mod jobs;
 mod queries;
 mod search;
@@ -21,7 +22,8 @@ use sqlx::{
 };
 
 pub use audit::{EmbeddingDecision, PreparedWrite};
-pub use jobs::{EmbeddingTask, EventPosition};
+pub use integrity::{ChainEvent, StoredChain};
+pub use jobs::{EmbeddingTask, EventPosition, PolicyCutoff, RetentionCutoffs};
 /// The aggregation of GetActionStats, for the benchmark's plain-SQL side.
 pub use queries::ACTION_STATS_AGGREGATION;
 pub use search::{EventKey, Ranked, SearchScope, Strategy};
@@ -29,6 +31,7 @@ pub use search::{EventKey, Ranked, SearchScope, Strategy};
 use crate::{
     config::{DatabaseSettings, SearchSettings},
     error::CoreError,
+    integrity::chain::ChainHasher,
 };
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -47,6 +50,8 @@ pub struct Storage {
     /// Months whose partitions are known to exist, so the write path asks the
     /// database only the first time it meets a month.
     known_partitions: Arc<Mutex<HashSet<(i32, u32)>>>,
+    /// Links each written event into its correlation id's chain.
+    chain: Arc<ChainHasher>,
 }
 
 /// A pool that connects lazily: the server starts, and reports NOT_SERVING,
@@ -73,7 +78,14 @@ impl Storage {
         Storage {
             pool,
             known_partitions: Arc::default(),
+            chain: Arc::new(ChainHasher::unkeyed()),
         }
+    }
+
+    /// Links new events with `chain` (keyed, when a chain key is configured).
+    pub fn with_chain_hasher(mut self, chain: ChainHasher) -> Self {
+        self.chain = Arc::new(chain);
+        self
     }
 
     pub fn pool(&self) -> &PgPool {

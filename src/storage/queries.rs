@@ -21,9 +21,12 @@ const INCIDENT_COLUMNS: &str = "i.id, i.remediation_request_id, i.correlation_id
     i.action_type, i.phase, i.execution_status, i.first_seen_at, i.last_event_at, i.resolved_at, i.event_count, \
     i.labels";
 
+/// The hold test is an uncorrelated IN, so PostgreSQL hashes the holds in
+/// force once per query instead of probing them per row.
 pub(super) const EVENT_COLUMNS: &str = "e.id, e.incident_id, e.occurred_at, e.correlation_id, \
     e.remediation_request_id, e.namespace, e.cluster, e.labels, e.parent_event_id, e.payload, e.received_at, \
-    e.source, e.embedding_state, e.trace_id";
+    e.source, e.embedding_state, e.trace_id, e.previous_event_hash, e.event_hash, \
+    e.correlation_id IN (SELECT h.correlation_id FROM legal_holds h WHERE h.released_at IS NULL) AS legal_hold";
 
 #[derive(FromRow)]
 struct IncidentRow {
@@ -106,6 +109,9 @@ pub(super) struct EventRow {
     source: String,
     embedding_state: i16,
     trace_id: Option<String>,
+    previous_event_hash: Option<Vec<u8>>,
+    event_hash: Option<Vec<u8>>,
+    legal_hold: bool,
 }
 
 impl From<EventRow> for StoredEvent {
@@ -127,6 +133,9 @@ impl From<EventRow> for StoredEvent {
             source: row.source,
             embedding_state: EmbeddingState::from_code(row.embedding_state).unwrap_or(EmbeddingState::NotEmbedded),
             trace_id: row.trace_id,
+            previous_event_hash: row.previous_event_hash,
+            event_hash: row.event_hash,
+            legal_hold: row.legal_hold,
         }
     }
 }

@@ -6,6 +6,7 @@ mod health;
 mod helpers;
 mod incident_plans;
 mod incident_query;
+mod integrity;
 mod job_store;
 mod jobs;
 mod jobs_redis;

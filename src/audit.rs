@@ -5,10 +5,11 @@ use std::{collections::HashSet, sync::Arc};
 
 use crate::{
     config::FailurePolicy,
-    domain::{EmbeddingState, Violations, WriteReceipt, WriteRequest},
+    domain::{incident_id_for, AuditEvent, EmbeddingState, Violations, WriteReceipt, WriteRequest},
     embedding::Embedder,
     error::CoreError,
     models::Models,
+    outage::{OutageQueue, QueuedBatch},
     storage::{EmbeddingDecision, PreparedWrite, Storage},
 };
 
@@ -16,14 +17,22 @@ pub struct AuditService {
     storage: Storage,
     models: Arc<Models>,
     policy: FailurePolicy,
+    /// Where writes go while PostgreSQL is unreachable, when enabled.
+    outage_queue: Option<Arc<OutageQueue>>,
 }
 
 impl AuditService {
-    pub fn new(storage: Storage, models: Arc<Models>, policy: FailurePolicy) -> Self {
+    pub fn new(
+        storage: Storage,
+        models: Arc<Models>,
+        policy: FailurePolicy,
+        outage_queue: Option<Arc<OutageQueue>>,
+    ) -> Self {
         AuditService {
             storage,
             models,
             policy,
+            outage_queue,
         }
     }
 
@@ -40,27 +49,65 @@ impl AuditService {
         requests: Vec<WriteRequest>,
         field_of: impl Fn(usize) -> String,
     ) -> Result<Vec<WriteReceipt>, CoreError> {
-        self.check_parents(&requests, &field_of).await?;
+        let events: Vec<&AuditEvent> = requests.iter().map(|r| &r.event).collect();
+        match self.check_parents(&events, &field_of).await {
+            // The replay checks them once PostgreSQL is back.
+            Err(error) if error.is_database_unavailable() && self.outage_queue.is_some() => {}
+            checked => checked?,
+        }
         let model = self.models.for_writes();
         let prepared = self.prepare(&model.embedder, requests).await?;
-        self.storage.write_events(source, &model.handle, &prepared).await
+        match self.storage.write_events(source, &model.handle, &prepared).await {
+            Err(error) if error.is_database_unavailable() => match &self.outage_queue {
+                Some(queue) => {
+                    let batch = QueuedBatch {
+                        source: source.to_owned(),
+                        model: model.handle.name.clone(),
+                        writes: prepared,
+                    };
+                    match queue.enqueue(&batch).await {
+                        Ok(()) => Ok(queued_receipts(&batch.writes)),
+                        Err(queue_error) => {
+                            tracing::error!(error = %queue_error, "PostgreSQL and the outage queue are both unavailable");
+                            Err(error)
+                        }
+                    }
+                }
+                None => Err(error),
+            },
+            written => written,
+        }
+    }
+
+    /// Applies a write call the outage queue held, as the original call would
+    /// have. A bad parent id is a permanent failure (the caller was told QUEUED).
+    pub async fn apply_queued(&self, batch: &QueuedBatch) -> Result<Vec<WriteReceipt>, CoreError> {
+        let handle = match self.models.named(&batch.model) {
+            Some(model) => model.handle.clone(),
+            None => self.storage.model_named(&batch.model).await?.ok_or_else(|| {
+                CoreError::FailedPrecondition(format!("queued writes name an unknown model {:?}", batch.model))
+            })?,
+        };
+        let events: Vec<&AuditEvent> = batch.writes.iter().map(|w| &w.event).collect();
+        self.check_parents(&events, &|i| format!("requests[{i}].event")).await?;
+        self.storage.write_events(&batch.source, &handle, &batch.writes).await
     }
 
     /// A parent must be stored already; the database cannot enforce this with
     /// a foreign key because events are partitioned by time.
     async fn check_parents(
         &self,
-        requests: &[WriteRequest],
+        events: &[&AuditEvent],
         field_of: &impl Fn(usize) -> String,
     ) -> Result<(), CoreError> {
-        let parents: Vec<_> = requests.iter().filter_map(|r| r.event.parent_event_id).collect();
+        let parents: Vec<_> = events.iter().filter_map(|e| e.parent_event_id).collect();
         if parents.is_empty() {
             return Ok(());
         }
         let existing: HashSet<_> = self.storage.existing_event_ids(&parents).await?;
         let mut violations = Violations::new();
-        for (index, request) in requests.iter().enumerate() {
-            if let Some(parent) = request.event.parent_event_id {
+        for (index, event) in events.iter().enumerate() {
+            if let Some(parent) = event.parent_event_id {
                 if !existing.contains(&parent) {
                     violations.add(
                         format!("{}.parent_event_id", field_of(index)),
@@ -133,4 +180,19 @@ impl AuditService {
         }
         Ok(prepared)
     }
+}
+
+/// What a queued write call answers: the ids the events will have, no
+/// incident yet (the contract leaves it empty until the write commits).
+fn queued_receipts(writes: &[PreparedWrite]) -> Vec<WriteReceipt> {
+    writes
+        .iter()
+        .map(|w| WriteReceipt {
+            event_id: w.event_id,
+            incident_id: incident_id_for(&w.event.remediation_request_id),
+            duplicate: false,
+            embedding_state: w.embedding.state(),
+            queued: true,
+        })
+        .collect()
 }

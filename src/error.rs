@@ -38,6 +38,11 @@ impl CoreError {
         }
     }
 
+    /// PostgreSQL could not be reached or cannot serve now.
+    pub fn is_database_unavailable(&self) -> bool {
+        matches!(self, CoreError::Unavailable { what: "database", .. })
+    }
+
     /// Deadlocks and serialization failures: the transaction can be retried as a whole.
     pub fn is_retryable_conflict(error: &sqlx::Error) -> bool {
         matches!(sqlstate(error).as_deref(), Some("40001" | "40P01"))

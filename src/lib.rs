@@ -13,6 +13,7 @@
 //! - [`embedding`]: providers (local candle model, OpenAI-compatible HTTP), micro-batching, cache.
 //! - [`integrity`]: hash chains, legal holds, signed export, PII redaction.
 //! - [`jobs`]: job records, cancellation flags and locks, in Redis or in-process.
+//! - [`outage`]: the Redis-stream queue that keeps writes during a PostgreSQL outage.
 //! - [`startup`]: builds the application and returns the bound ports.
 //! - [`cli`]: the `datastorage jobs …` client of a running server.
 pub mod audit;
@@ -26,6 +27,7 @@ pub mod health;
 pub mod integrity;
 pub mod jobs;
 pub mod models;
+pub mod outage;
 pub mod pagination;
 pub mod proto;
 pub mod query;

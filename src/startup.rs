@@ -22,6 +22,7 @@ use crate::{
     integrity::{chain::ChainHasher, IntegrityService},
     jobs::{runner::JobService, JobStore, MemoryJobStore, RedisJobStore},
     models::{Models, RunnableModel},
+    outage::OutageQueue,
     pagination::PageTokens,
     proto::{
         self,
@@ -45,6 +46,7 @@ pub struct Application {
     integrity: Arc<IntegrityService>,
     search: Arc<SearchService>,
     jobs: Arc<JobService>,
+    outage_queue: Option<Arc<OutageQueue>>,
 }
 
 impl Application {
@@ -106,10 +108,20 @@ impl Application {
             models.clone(),
             settings.search.clone(),
         ));
+        let outage_queue = if settings.outage_queue.enabled {
+            Some(Arc::new(
+                OutageQueue::connect(&settings.redis, &settings.outage_queue)
+                    .await
+                    .context("configuring the outage queue")?,
+            ))
+        } else {
+            None
+        };
         let audit = Arc::new(AuditService::new(
             storage.clone(),
             models.clone(),
             settings.embedding.failure_policy,
+            outage_queue.clone(),
         ));
         let job_store: Arc<dyn JobStore> = match &settings.redis.url {
             Some(_) => Arc::new(
@@ -150,6 +162,7 @@ impl Application {
             integrity,
             search,
             jobs,
+            outage_queue,
         })
     }
 
@@ -176,6 +189,10 @@ impl Application {
         let http = tokio::spawn(health::serve_http(self.http_listener, readiness));
         let pruning = tokio::spawn(prune_sort_history(self.storage.clone(), self.settings.page_token_ttl()));
         let supervisor = tokio::spawn(self.jobs.clone().supervise());
+        let replay = self
+            .outage_queue
+            .clone()
+            .map(|queue| tokio::spawn(queue.replay(self.audit.clone())));
 
         let reflection_v1 = reflection_builder().build_v1()?;
         let reflection_v1alpha = reflection_builder().build_v1alpha()?;
@@ -211,6 +228,9 @@ impl Application {
         http.abort();
         pruning.abort();
         supervisor.abort();
+        if let Some(replay) = replay {
+            replay.abort();
+        }
         result.context("gRPC server failed")
     }
 }

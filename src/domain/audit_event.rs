@@ -247,7 +247,9 @@ impl AuditEvent {
 }
 
 /// An idempotency key: at most 255 characters, scoped to the caller.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// (Deserialised only from the outage queue, which holds validated writes.)
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct RequestId(String);
 
 impl RequestId {
@@ -305,7 +307,7 @@ impl EmbeddingVector {
 }
 
 /// How an event's embedding was obtained; stored with the event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EmbeddingState {
     /// The event has no text to embed.
     NotEmbedded,
@@ -364,6 +366,8 @@ pub struct WriteReceipt {
     pub incident_id: Uuid,
     pub duplicate: bool,
     pub embedding_state: EmbeddingState,
+    /// Accepted into the outage queue, not yet committed.
+    pub queued: bool,
 }
 
 /// Incidents are keyed by remediation_request_id; deriving the id from it

@@ -36,12 +36,17 @@ impl AuditWriteService {
 }
 
 fn response(receipt: WriteReceipt) -> pb::WriteAuditResponse {
+    let (incident_id, write_state) = if receipt.queued {
+        (String::new(), pb::WriteState::Queued)
+    } else {
+        (receipt.incident_id.to_string(), pb::WriteState::Committed)
+    };
     pb::WriteAuditResponse {
         event_id: receipt.event_id.to_string(),
-        incident_id: receipt.incident_id.to_string(),
+        incident_id,
         duplicate: receipt.duplicate,
         embedding_state: embedding_state(receipt.embedding_state) as i32,
-        write_state: pb::WriteState::Committed as i32,
+        write_state: write_state as i32,
     }
 }
 

@@ -17,7 +17,7 @@ use crate::{
 /// One write, embedding already decided, ready for the transaction. The
 /// event id and receipt time are fixed before it, so a retried transaction
 /// (or a replay from the outage queue) writes the same event.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PreparedWrite {
     pub event_id: Uuid,
     /// Microsecond precision, as stored.
@@ -28,7 +28,7 @@ pub struct PreparedWrite {
     pub embedding: EmbeddingDecision,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum EmbeddingDecision {
     Vector {
         values: Vec<f32>,
@@ -43,7 +43,7 @@ pub enum EmbeddingDecision {
 }
 
 impl EmbeddingDecision {
-    fn state(&self) -> EmbeddingState {
+    pub fn state(&self) -> EmbeddingState {
         match self {
             EmbeddingDecision::Vector { state, .. } => *state,
             EmbeddingDecision::Deferred { .. } => EmbeddingState::Deferred,
@@ -150,6 +150,7 @@ impl Storage {
                 incident_id: incident_id_for(&w.event.remediation_request_id),
                 duplicate: false,
                 embedding_state: w.embedding.state(),
+                queued: false,
             })
             .collect();
 
@@ -253,6 +254,7 @@ async fn claim_request_id(
         incident_id,
         duplicate: true,
         embedding_state: EmbeddingState::from_code(state).unwrap_or(EmbeddingState::NotEmbedded),
+        queued: false,
     }))
 }
 

@@ -10,5 +10,6 @@ mod integrity;
 mod job_store;
 mod jobs;
 mod jobs_redis;
+mod outage;
 mod reflection;
 mod vector_search;

@@ -6,6 +6,12 @@
 //! 2. WriteAudit with caller-supplied vectors;
 //! 3. WriteAudit whose texts hit the embedding cache;
 //! 4. WriteAudit with fresh texts embedded by the local model.
+//!
+//! Then the cost of the per-correlation hash chain: the baseline's
+//! transaction with and without the chain append the service does (lock the
+//! chain head, hash the canonical record, store the link, move the head), at 1
+//! and at 1,000 distinct correlation ids. Ids rotate per call, so at 1,000
+//! concurrent writers rarely share a chain and at 1 they all queue on one head.
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -13,6 +19,7 @@ use std::{
 
 use datastorage::{
     config::{LogFormat, Settings},
+    integrity::chain::{ChainHasher, ChainRecord},
     proto::v1::{self as pb, audit_write_client::AuditWriteClient},
     startup::Application,
 };
@@ -127,23 +134,81 @@ fn event(rr: String, message: String) -> pb::AuditEvent {
 }
 
 async fn plain_sql_write(pool: &PgPool, rr: String, vector: Vec<f32>) {
+    plain_sql_write_in_chain(pool, rr.clone(), format!("corr-{rr}"), vector, None).await
+}
+
+/// The baseline transaction; with `chain`, also the service's chain append.
+async fn plain_sql_write_in_chain(
+    pool: &PgPool,
+    rr: String,
+    correlation_id: String,
+    vector: Vec<f32>,
+    chain: Option<&ChainHasher>,
+) {
     let mut tx = pool.begin().await.unwrap();
     let id = uuid::Uuid::now_v7();
     let incident = uuid::Uuid::new_v4();
-    let now = chrono::Utc::now() - chrono::TimeDelta::seconds(60);
+    let now = datastorage::domain::to_stored_precision(chrono::Utc::now() - chrono::TimeDelta::seconds(60));
+    let payload = serde_json::json!({"kind": "remediation"});
+    let link = match chain {
+        None => None,
+        Some(hasher) => {
+            let (length, head): (i64, Option<Vec<u8>>) = sqlx::query_as(
+                "INSERT INTO audit_chains (correlation_id, length) VALUES ($1, 0) \
+                 ON CONFLICT (correlation_id) DO UPDATE SET length = audit_chains.length \
+                 RETURNING length, head_hash",
+            )
+            .bind(&correlation_id)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+            let record = ChainRecord {
+                event_id: id,
+                correlation_id: correlation_id.clone(),
+                remediation_request_id: rr.clone(),
+                occurred_at: now,
+                received_at: now,
+                namespace: "payments".into(),
+                cluster: Some("prod".into()),
+                kind: 1,
+                labels: Default::default(),
+                parent_event_id: None,
+                payload: payload.clone(),
+                source: "bench".into(),
+                trace_id: None,
+            };
+            let link = hasher.link(head.as_deref(), &record.canonical_bytes());
+            Some((length + 1, head, link.hash.to_vec()))
+        }
+    };
     sqlx::query(
         "INSERT INTO audit_events (id, occurred_at, incident_id, correlation_id, remediation_request_id, namespace, \
-         cluster, kind, labels, payload, search_text, source, embedding_state) \
-         VALUES ($1, $2, $3, $4, $5, 'payments', 'prod', 1, '{}', '{\"kind\":\"remediation\"}', 'HighMemoryUsage', 'bench', 3)",
+         cluster, kind, labels, payload, search_text, source, embedding_state, chain_seq, previous_event_hash, \
+         event_hash, hash_algorithm) \
+         VALUES ($1, $2, $3, $4, $5, 'payments', 'prod', 1, '{}', $6, 'HighMemoryUsage', 'bench', 3, $7, $8, $9, $10)",
     )
     .bind(id)
     .bind(now)
     .bind(incident)
-    .bind(format!("corr-{rr}"))
+    .bind(&correlation_id)
     .bind(&rr)
+    .bind(&payload)
+    .bind(link.as_ref().map(|l| l.0))
+    .bind(link.as_ref().and_then(|l| l.1.clone()))
+    .bind(link.as_ref().map(|l| l.2.clone()))
+    .bind(link.as_ref().map(|_| "sha256"))
     .execute(&mut *tx)
     .await
     .unwrap();
+    if let Some((length, _, hash)) = &link {
+        sqlx::query("UPDATE audit_chains SET length = $2, head_hash = $3 WHERE correlation_id = $1")
+            .bind(&correlation_id)
+            .bind(length)
+            .bind(hash)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
     sqlx::query("INSERT INTO audit_embeddings (event_id, occurred_at, model_id, embedding) VALUES ($1, $2, 1, $3)")
         .bind(id)
         .bind(now)
@@ -159,7 +224,7 @@ async fn plain_sql_write(pool: &PgPool, rr: String, vector: Vec<f32>) {
     )
     .bind(incident)
     .bind(&rr)
-    .bind(format!("corr-{rr}"))
+    .bind(&correlation_id)
     .bind(now)
     .execute(&mut *tx)
     .await
@@ -296,6 +361,52 @@ async fn main() -> anyhow::Result<()> {
             f.ms(0.99),
             f.rate() / baseline
         );
+    }
+
+    // The chain's cost, side by side: each pair runs the same transaction with
+    // and without the chain append.
+    let mut chain_results = Vec::new();
+    for ids in [1000u64, 1] {
+        for chained in [false, true] {
+            let name: &'static str = match (ids, chained) {
+                (1000, false) => "1,000 correlation ids, no chain",
+                (1000, true) => "1,000 correlation ids, chained",
+                (_, false) => "1 correlation id, no chain",
+                (_, true) => "1 correlation id, chained",
+            };
+            let p = pool.clone();
+            let hasher = Arc::new(ChainHasher::unkeyed());
+            chain_results.push(
+                drive(name, clients, seconds, move |c, i| {
+                    let (p, hasher) = (p.clone(), hasher.clone());
+                    let sequence = (c as u64) << 32 | i;
+                    async move {
+                        plain_sql_write_in_chain(
+                            &p,
+                            format!("chain-{ids}-{chained}-{c}-{}", i / 4),
+                            format!("corr-{ids}-{chained}-{}", (c as u64 * 7919 + i) % ids),
+                            unit_vector(sequence),
+                            chained.then_some(&*hasher),
+                        )
+                        .await
+                    }
+                })
+                .await,
+            );
+        }
+    }
+    println!("\n| hash chain | events/s | p50 ms | p99 ms | chained vs unchained |\n|---|---:|---:|---:|---:|");
+    for pair in chain_results.chunks(2) {
+        for f in pair {
+            println!(
+                "| {} | {:.0} | {:.2} | {:.2} | {:.2}x |",
+                f.name,
+                f.rate(),
+                f.ms(0.50),
+                f.ms(0.99),
+                f.rate() / pair[0].rate()
+            );
+        }
     }
     pool.close().await;
     Ok(())

@@ -217,8 +217,9 @@ async fn plain_sql_write_in_chain(
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO incidents (id, remediation_request_id, correlation_id, namespace, first_seen_at, last_event_at, \
-         event_count, alert_name) VALUES ($1, $2, $3, 'payments', $4, $4, 1, 'HighMemoryUsage') \
+        "INSERT INTO incidents (id, remediation_request_id, correlation_id, namespace, first_stamp, first_seen_at, \
+         last_event_at, event_count, alert_name) \
+         VALUES ($1, $2, $3, 'payments', ROW($4, $5)::fact_stamp, $4, $4, 1, 'HighMemoryUsage') \
          ON CONFLICT (remediation_request_id) DO UPDATE SET event_count = incidents.event_count + 1, \
          last_event_at = GREATEST(incidents.last_event_at, EXCLUDED.last_event_at)",
     )
@@ -226,6 +227,7 @@ async fn plain_sql_write_in_chain(
     .bind(&rr)
     .bind(&correlation_id)
     .bind(now)
+    .bind(id)
     .execute(&mut *tx)
     .await
     .unwrap();

@@ -15,9 +15,12 @@ REDIS_URL   := redis://127.0.0.1:$(REDIS_PORT)
 MODEL_DIR   := $(ROOT)/.cache/models/all-MiniLM-L6-v2
 VENV_PYTHON := $(ROOT)/.cache/venv/bin/python
 
-# Service configuration (figment, `__` separates nesting levels).
+# Service configuration (figment, `__` separates nesting levels). A local
+# server runs without authentication (it logs a loud warning about it).
 SERVICE_ENV := DATASTORAGE_DATABASE__URL=$(DB_URL) \
-	DATASTORAGE_EMBEDDING__MODEL_DIR=$(MODEL_DIR)
+	DATASTORAGE_EMBEDDING__MODEL_DIR=$(MODEL_DIR) \
+	DATASTORAGE_AUTH__DISABLED=true \
+	DATASTORAGE_LOG__FORMAT=pretty
 
 # Integration-test configuration: the admin URL (tests create ds_test_* databases),
 # Redis, the model, the Python client for tests/grpcurl_examples.py.

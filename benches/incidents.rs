@@ -37,7 +37,7 @@ use datastorage::{
         IncidentOrder, PagePosition, Payload, Phase, Remediation, ResourceRef, Severity, TimelineQuery, TimelineScope,
         Workflow,
     },
-    grpc::{render, ANONYMOUS_SOURCE},
+    grpc::render,
     proto::v1::{self as pb, audit_write_client::AuditWriteClient, incident_query_client::IncidentQueryClient},
     startup::Application,
     storage::{self, Storage},
@@ -327,7 +327,7 @@ fn event_row(out: &mut String, g: &Generated) {
             Some(&serde_json::to_string(&e.payload).unwrap()),
             search_text.as_deref(),
             Some(&ts(g.received_at)),
-            Some(ANONYMOUS_SOURCE),
+            Some(common::BENCH_SOURCE),
             None,
             Some(&state.code().to_string()),
             execution.map(|x| x.action_type.as_str()),
@@ -1292,6 +1292,8 @@ async fn main() -> anyhow::Result<()> {
     settings.grpc.port = 0;
     settings.http.host = [127, 0, 0, 1].into();
     settings.http.port = 0;
+    settings.auth.disabled = true;
+    settings.rate_limit.enabled = false;
     settings.database.url = SecretString::from(url.clone());
     settings.embedding.model_dir = model_dir.into();
     settings.log.format = LogFormat::Pretty;

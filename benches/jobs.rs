@@ -109,6 +109,8 @@ fn base_settings(url: &str, model_dir: &str) -> Settings {
     settings.grpc.port = 0;
     settings.http.host = [127, 0, 0, 1].into();
     settings.http.port = 0;
+    settings.auth.disabled = true;
+    settings.rate_limit.enabled = false;
     settings.database.url = SecretString::from(url.to_owned());
     settings.embedding.model_dir = model_dir.into();
     settings.log.format = LogFormat::Pretty;

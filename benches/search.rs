@@ -46,7 +46,6 @@ use datastorage::{
     config::{IterativeScan, LogFormat, Settings},
     domain::{self, incident_id_for, Custom, IncidentFilter, Payload},
     embedding::{local::LocalMiniLm, EmbeddingProvider},
-    grpc::ANONYMOUS_SOURCE,
     proto::v1::{self as pb, vector_search_client::VectorSearchClient},
     startup::Application,
     storage::{self, ModelHandle, SearchScope, Storage, Strategy},
@@ -654,7 +653,7 @@ async fn seed(
                     Some(&serde_json::to_string(&payload)?),
                     Some(text),
                     Some(&ts(received_at)),
-                    Some(ANONYMOUS_SOURCE),
+                    Some(common::BENCH_SOURCE),
                     None,
                     Some(&domain::EmbeddingState::Generated.code().to_string()),
                 ],
@@ -1555,6 +1554,8 @@ async fn main() -> anyhow::Result<()> {
     settings.grpc.port = 0;
     settings.http.host = [127, 0, 0, 1].into();
     settings.http.port = 0;
+    settings.auth.disabled = true;
+    settings.rate_limit.enabled = false;
     settings.database.url = SecretString::from(url.clone());
     settings.embedding.model_dir = PathBuf::from(&model_dir);
     settings.embedding.model_name = MODEL_NAME.to_owned();

@@ -253,6 +253,8 @@ async fn main() -> anyhow::Result<()> {
     settings.grpc.port = 0;
     settings.http.host = [127, 0, 0, 1].into();
     settings.http.port = 0;
+    settings.auth.disabled = true;
+    settings.rate_limit.enabled = false;
     settings.database.url = SecretString::from(url.clone());
     settings.database.max_connections = clients as u32 + 4;
     settings.embedding.model_dir = model_dir.into();

@@ -5,6 +5,7 @@ use std::{collections::HashSet, sync::Arc};
 
 use crate::{
     config::FailurePolicy,
+    metrics::EVENTS_WRITTEN,
     domain::{incident_id_for, AuditEvent, EmbeddingState, Violations, WriteReceipt, WriteRequest},
     embedding::Embedder,
     error::CoreError,
@@ -41,11 +42,13 @@ impl AuditService {
     }
 
     /// Writes all requests in one transaction. `field_of(i)` names request i's
-    /// event in violations (`event` or `requests[i].event`).
+    /// event in violations (`event` or `requests[i].event`). `source` is the
+    /// caller; `trace_id` its W3C trace id, stored with each event.
     #[tracing::instrument(skip_all, fields(events = requests.len()))]
     pub async fn write(
         &self,
         source: &str,
+        trace_id: Option<String>,
         requests: Vec<WriteRequest>,
         field_of: impl Fn(usize) -> String,
     ) -> Result<Vec<WriteReceipt>, CoreError> {
@@ -56,8 +59,17 @@ impl AuditService {
             checked => checked?,
         }
         let model = self.models.for_writes();
-        let prepared = self.prepare(&model.embedder, requests).await?;
-        match self.storage.write_events(source, &model.handle, &prepared).await {
+        let prepared = self.prepare(&model.embedder, requests, trace_id).await?;
+        let kinds: Vec<&'static str> = prepared.iter().map(|w| w.event.kind().label()).collect();
+        let written = self.storage.write_events(source, &model.handle, &prepared).await;
+        if let Ok(receipts) = &written {
+            for (receipt, kind) in receipts.iter().zip(kinds) {
+                if !receipt.duplicate {
+                    metrics::counter!(EVENTS_WRITTEN, "kind" => kind).increment(1);
+                }
+            }
+        }
+        match written {
             Err(error) if error.is_database_unavailable() => match &self.outage_queue {
                 Some(queue) => {
                     let batch = QueuedBatch {
@@ -119,7 +131,12 @@ impl AuditService {
         violations.into_result(|| ()).map_err(CoreError::InvalidInput)
     }
 
-    async fn prepare(&self, embedder: &Embedder, requests: Vec<WriteRequest>) -> Result<Vec<PreparedWrite>, CoreError> {
+    async fn prepare(
+        &self,
+        embedder: &Embedder,
+        requests: Vec<WriteRequest>,
+        trace_id: Option<String>,
+    ) -> Result<Vec<PreparedWrite>, CoreError> {
         let texts: Vec<Option<String>> = requests.iter().map(|r| r.event.embedding_text()).collect();
         let to_embed: Vec<usize> = (0..requests.len())
             .filter(|&i| requests[i].embedding.is_none() && texts[i].is_some())
@@ -176,6 +193,7 @@ impl AuditService {
                 request_id,
                 search_text,
                 embedding: decision,
+                trace_id: trace_id.clone(),
             });
         }
         Ok(prepared)

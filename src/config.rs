@@ -1,7 +1,7 @@
 //! Layered configuration: defaults, then an optional TOML file, then
 //! `DATASTORAGE_*` environment variables with `__` between levels
 //! (`DATASTORAGE_DATABASE__URL`). Validated once at start-up.
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use figment::{
     providers::{Env, Format, Serialized, Toml},
@@ -26,6 +26,9 @@ pub struct Settings {
     pub integrity: IntegritySettings,
     pub retention: RetentionSettings,
     pub outage_queue: OutageQueueSettings,
+    pub auth: AuthSettings,
+    pub rate_limit: RateLimitSettings,
+    pub shutdown: ShutdownSettings,
     pub log: LogSettings,
 }
 
@@ -38,6 +41,108 @@ pub struct GrpcSettings {
     /// Largest request or response message. A 1000-event batch of maximal events
     /// stays below the default; larger is refused with RESOURCE_EXHAUSTED.
     pub max_message_bytes: usize,
+    /// Unary calls without a shorter `grpc-timeout` of their own end with
+    /// DEADLINE_EXCEEDED after this long. Streams (WatchJob, export) are bound
+    /// by the caller's deadline only.
+    pub default_timeout_ms: u64,
+    /// Calls in flight at once; more are shed with UNAVAILABLE at once rather
+    /// than queued, so a saturated replica fails fast and clients retry elsewhere.
+    pub max_concurrent_requests: usize,
+    /// Serve gRPC over TLS. Kubernetes' native gRPC probes cannot speak TLS:
+    /// probe the HTTP `/readyz` then.
+    pub tls: Option<TlsSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// Who may call what. Tokens are JWTs in `authorization: Bearer …`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Serve without authentication: every caller is `anonymous` with every
+    /// scope. For a developer's machine only; the server refuses to start
+    /// with no key source unless this is set.
+    pub disabled: bool,
+    /// Required `iss` claim (for Kubernetes service-account tokens, the
+    /// cluster's issuer, e.g. `https://kubernetes.default.svc.cluster.local`).
+    pub issuer: String,
+    /// Accepted `aud` values; a token must name at least one.
+    pub audiences: Vec<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// Shared secret for HS256 tokens (at least 32 bytes).
+    #[serde(serialize_with = "serialize_optional_secret")]
+    pub hs256_secret: Option<SecretString>,
+    /// Public keys for asymmetric tokens, each pinned to one algorithm.
+    pub public_keys: Vec<PublicKeySettings>,
+    /// JWKS document of the issuer (Kubernetes: `<issuer>/openid/v1/jwks`).
+    pub jwks_url: Option<String>,
+    /// PEM CA bundle that signs the JWKS server's certificate, when it is not
+    /// publicly trusted (the Kubernetes API server's CA).
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How long fetched JWKS keys are used before they are fetched again.
+    pub jwks_refresh_secs: u64,
+    /// A token with an unknown `kid` fetches the JWKS again, at most this often,
+    /// so forged kids cannot make the server hammer the issuer.
+    pub jwks_min_refresh_secs: u64,
+    /// Scopes granted to a subject whatever its token's `scope` claim says
+    /// (service-account tokens carry none), e.g.
+    /// `"system:serviceaccount:kubernaut-system:gateway-sa" = ["audit:write"]`.
+    pub subject_scopes: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeySettings {
+    /// Matched against the token header's `kid`; a key without one serves
+    /// tokens without a `kid`.
+    pub kid: Option<String>,
+    /// The only algorithm this key verifies: RS256, RS384, RS512, PS256,
+    /// PS384, PS512, ES256 or ES384.
+    pub algorithm: String,
+    pub pem_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    /// Sustained calls per second per caller, for scopes without their own rate.
+    pub requests_per_second: u32,
+    /// Calls a caller may make at once after being idle.
+    pub burst: u32,
+    /// Per-scope rates (`"search:read" = { requests_per_second = 20, burst = 40 }`);
+    /// a call counts against the scope it needs.
+    pub scopes: BTreeMap<String, RateSettings>,
+    /// Count calls in Redis so the limit holds across replicas (needs
+    /// `redis.url`); while Redis is unreachable each replica limits alone.
+    pub shared: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateSettings {
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// After SIGTERM, health reports NOT_SERVING but calls are still served
+    /// this long: about one readiness-probe period, so Kubernetes stops
+    /// routing before the listener closes.
+    pub drain_delay_ms: u64,
+    /// Then in-flight calls get this long to finish; open streams are ended
+    /// (UNAVAILABLE, so clients reconnect elsewhere) and the rest is dropped.
+    pub grace_period_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -281,6 +386,9 @@ impl Default for Settings {
                 host: [0, 0, 0, 0].into(),
                 port: 8080,
                 max_message_bytes: 16 * 1024 * 1024,
+                default_timeout_ms: 30_000,
+                max_concurrent_requests: 512,
+                tls: None,
             },
             http: HttpSettings {
                 host: [0, 0, 0, 0].into(),
@@ -343,6 +451,30 @@ impl Default for Settings {
                 max_attempts: 5,
                 claim_idle_ms: 30_000,
                 max_backoff_ms: 5_000,
+            },
+            auth: AuthSettings {
+                disabled: false,
+                issuer: String::new(),
+                audiences: vec!["datastorage".to_owned()],
+                leeway_secs: 30,
+                hs256_secret: None,
+                public_keys: Vec::new(),
+                jwks_url: None,
+                jwks_ca_file: None,
+                jwks_refresh_secs: 300,
+                jwks_min_refresh_secs: 10,
+                subject_scopes: BTreeMap::new(),
+            },
+            rate_limit: RateLimitSettings {
+                enabled: true,
+                requests_per_second: 100,
+                burst: 200,
+                scopes: BTreeMap::new(),
+                shared: false,
+            },
+            shutdown: ShutdownSettings {
+                drain_delay_ms: 5_000,
+                grace_period_ms: 20_000,
             },
             log: LogSettings {
                 format: LogFormat::Json,
@@ -514,6 +646,20 @@ impl Settings {
                 extra.model_dir.display()
             );
         }
+        ensure!(
+            self.grpc.default_timeout_ms >= 1 && self.grpc.max_concurrent_requests >= 1,
+            "grpc.default_timeout_ms and grpc.max_concurrent_requests must be positive"
+        );
+        if let Some(tls) = &self.grpc.tls {
+            ensure!(
+                tls.cert_file.is_file() && tls.key_file.is_file(),
+                "grpc.tls.cert_file ({}) and grpc.tls.key_file ({}) must be files",
+                tls.cert_file.display(),
+                tls.key_file.display()
+            );
+        }
+        self.validate_auth()?;
+        self.validate_rate_limit()?;
         match self.embedding.provider {
             ProviderKind::Local => ensure!(
                 self.embedding.model_dir.join("model.safetensors").is_file()
@@ -522,6 +668,92 @@ impl Settings {
                 self.embedding.model_dir.display()
             ),
             ProviderKind::Openai => self.embedding.openai.validate()?,
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> anyhow::Result<()> {
+        use anyhow::ensure;
+        use secrecy::ExposeSecret;
+        let auth = &self.auth;
+        if auth.disabled {
+            return Ok(());
+        }
+        ensure!(
+            auth.hs256_secret.is_some() || !auth.public_keys.is_empty() || auth.jwks_url.is_some(),
+            "auth needs a key source (auth.hs256_secret, auth.public_keys or auth.jwks_url), \
+             or auth.disabled = true to serve without authentication"
+        );
+        ensure!(!auth.issuer.is_empty(), "auth.issuer must be set");
+        ensure!(
+            !auth.audiences.is_empty() && auth.audiences.iter().all(|a| !a.is_empty()),
+            "auth.audiences must name at least one audience"
+        );
+        ensure!(auth.leeway_secs <= 300, "auth.leeway_secs must be at most 300");
+        if let Some(secret) = &auth.hs256_secret {
+            ensure!(
+                secret.expose_secret().len() >= 32,
+                "auth.hs256_secret must be at least 32 bytes"
+            );
+        }
+        for (index, key) in auth.public_keys.iter().enumerate() {
+            ensure!(
+                crate::auth::token::asymmetric_algorithm(&key.algorithm).is_some(),
+                "auth.public_keys[{index}].algorithm must be one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384"
+            );
+            ensure!(
+                key.pem_file.is_file(),
+                "auth.public_keys[{index}].pem_file ({}) must be a file",
+                key.pem_file.display()
+            );
+        }
+        if let Some(url) = &auth.jwks_url {
+            ensure!(
+                url.starts_with("https://") || url.starts_with("http://"),
+                "auth.jwks_url must be an http(s) URL"
+            );
+        }
+        ensure!(
+            auth.jwks_min_refresh_secs <= auth.jwks_refresh_secs && auth.jwks_refresh_secs >= 1,
+            "auth.jwks_min_refresh_secs must not exceed auth.jwks_refresh_secs (at least 1)"
+        );
+        for (subject, scopes) in &auth.subject_scopes {
+            for scope in scopes {
+                ensure!(
+                    crate::auth::Scope::parse(scope).is_some(),
+                    "auth.subject_scopes.{subject:?} names an unknown scope {scope:?}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_rate_limit(&self) -> anyhow::Result<()> {
+        use anyhow::ensure;
+        let limits = &self.rate_limit;
+        let rates = std::iter::once(("rate_limit".to_owned(), limits.requests_per_second, limits.burst)).chain(
+            limits
+                .scopes
+                .iter()
+                .map(|(scope, rate)| (format!("rate_limit.scopes.{scope:?}"), rate.requests_per_second, rate.burst)),
+        );
+        for (name, per_second, burst) in rates {
+            ensure!(
+                per_second >= 1 && burst >= 1,
+                "{name}: requests_per_second and burst must be at least 1"
+            );
+        }
+        for scope in limits.scopes.keys() {
+            ensure!(
+                crate::auth::Scope::parse(scope).is_some(),
+                "rate_limit.scopes names an unknown scope {scope:?}"
+            );
+        }
+        if limits.shared {
+            ensure!(
+                self.redis.url.is_some(),
+                "rate_limit.shared needs redis.url: the shared counters live in Redis"
+            );
         }
         Ok(())
     }
@@ -542,8 +774,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn defaults_refuse_to_serve_without_authentication() {
+        let mut settings = Settings::default();
+        settings.embedding.provider = ProviderKind::Openai;
+        settings.embedding.openai.base_url = "http://127.0.0.1:1".into();
+        settings.embedding.openai.model = "text-embedding-3-small".into();
+        settings.embedding.openai.dimensions = 384;
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("auth.disabled"), "{error}");
+        settings.auth.hs256_secret = Some(SecretString::from("s".repeat(32)));
+        settings.auth.issuer = "https://issuer.example".into();
+        settings.validate().expect("a key source and an issuer are enough");
+    }
+
+    #[test]
     fn defaults_are_valid_apart_from_the_model_directory() {
         let mut settings = Settings::default();
+        settings.auth.disabled = true;
         settings.embedding.provider = ProviderKind::Openai;
         settings.embedding.openai.base_url = "http://127.0.0.1:1".into();
         settings.embedding.openai.model = "text-embedding-3-small".into();
@@ -555,6 +802,7 @@ mod tests {
     fn env_vars_override_nested_settings_and_errors_name_the_setting() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("DATASTORAGE_GRPC__PORT", "7000");
+            jail.set_env("DATASTORAGE_AUTH__DISABLED", "true");
             jail.set_env("DATASTORAGE_EMBEDDING__PROVIDER", "openai");
             jail.set_env("DATASTORAGE_EMBEDDING__OPENAI__BASE_URL", "http://127.0.0.1:9");
             jail.set_env("DATASTORAGE_EMBEDDING__OPENAI__MODEL", "m");
@@ -575,6 +823,7 @@ mod tests {
     fn a_misspelt_setting_is_refused() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("DATASTORAGE_GRPC__PROT", "7001");
+            jail.set_env("DATASTORAGE_AUTH__DISABLED", "true");
             let error = Settings::load(None).unwrap_err().to_string();
             assert!(error.to_lowercase().contains("prot"), "{error}");
             Ok(())

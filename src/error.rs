@@ -1,6 +1,8 @@
 //! The core's error type: named by what the caller can do about it, mapped to a
 //! gRPC status in exactly one place (`grpc::status`).
-use crate::domain::Violations;
+use std::time::Duration;
+
+use crate::{auth::Scope, domain::Violations};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
@@ -21,6 +23,21 @@ pub enum CoreError {
         #[source]
         source: anyhow::Error,
     },
+    /// The call carries no valid credentials; `reason` is the ErrorInfo reason.
+    #[error("unauthenticated ({reason})")]
+    Unauthenticated { reason: &'static str },
+    /// The caller is known but lacks the scope the RPC needs.
+    #[error("missing scope {required}")]
+    PermissionDenied { required: Scope },
+    /// The caller's rate limit is spent; it may call again after `retry_after`.
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
+    /// Every call slot of this replica is taken: shed rather than queued.
+    #[error("overloaded")]
+    Overloaded,
+    /// The call's deadline (the caller's, or the server's default) passed.
+    #[error("deadline exceeded")]
+    DeadlineExceeded { after: Duration },
     /// A bug or an unexpected state; the cause is logged, never sent to the client.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),

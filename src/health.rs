@@ -1,19 +1,20 @@
-//! Readiness follows PostgreSQL: a monitor probes it and flips the gRPC health
-//! service and the HTTP `/readyz` endpoint together, back to SERVING by itself
-//! once the database answers again.
+//! Readiness follows PostgreSQL: a monitor probes it (reachable, migrations
+//! current) and flips the gRPC health service and the HTTP `/readyz`
+//! endpoint together, back to SERVING by itself once the database serves
+//! again. Shutdown turns both off for good.
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU8, Ordering},
         Arc,
     },
     time::Duration,
 };
 
-use axum::{extract::State, http::StatusCode, routing::get, Router};
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
-use crate::storage::Storage;
+use crate::storage::{DatabaseState, Storage};
 
 /// Fully-qualified names of the gRPC services this build serves.
 pub const SERVED_SERVICES: &[&str] = &[
@@ -23,12 +24,52 @@ pub const SERVED_SERVICES: &[&str] = &[
     "datastorage.v1.JobStatus",
 ];
 
-#[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+const STARTING: u8 = 0;
+const READY: u8 = 1;
+const UNREACHABLE: u8 = 2;
+const MIGRATIONS_PENDING: u8 = 3;
+const SHUTTING_DOWN: u8 = 4;
+
+#[derive(Clone)]
+pub struct Readiness(Arc<AtomicU8>);
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness(Arc::new(AtomicU8::new(STARTING)))
+    }
+}
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.load(Ordering::Relaxed) == READY
+    }
+
+    /// Not ready from now on, whatever the database says.
+    pub fn shut_down(&self) {
+        self.0.store(SHUTTING_DOWN, Ordering::Relaxed);
+    }
+
+    fn record(&self, state: DatabaseState) -> bool {
+        let value = match state {
+            DatabaseState::Ready => READY,
+            DatabaseState::Unreachable => UNREACHABLE,
+            DatabaseState::MigrationsPending => MIGRATIONS_PENDING,
+        };
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |current| {
+                (current != SHUTTING_DOWN).then_some(value)
+            })
+            .is_ok()
+    }
+
+    fn explain(&self) -> &'static str {
+        match self.0.load(Ordering::Relaxed) {
+            READY => "ready\n",
+            UNREACHABLE => "database unreachable\n",
+            MIGRATIONS_PENDING => "database migrations pending\n",
+            SHUTTING_DOWN => "shutting down\n",
+            _ => "starting\n",
+        }
     }
 }
 
@@ -43,38 +84,54 @@ pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
 pub async fn monitor(storage: Storage, reporter: HealthReporter, readiness: Readiness, interval: Duration) {
     let mut last = None;
     loop {
-        let reachable = storage.is_reachable().await;
-        if last != Some(reachable) {
-            if reachable {
-                tracing::info!("PostgreSQL reachable: SERVING");
-            } else {
-                tracing::warn!("PostgreSQL unreachable: NOT_SERVING");
+        let state = storage.probe().await;
+        if last != Some(state) {
+            if !readiness.record(state) {
+                return;
             }
-            readiness.0.store(reachable, Ordering::Relaxed);
-            let status = if reachable {
+            match state {
+                DatabaseState::Ready => tracing::info!("PostgreSQL ready: SERVING"),
+                DatabaseState::Unreachable => tracing::warn!("PostgreSQL unreachable: NOT_SERVING"),
+                DatabaseState::MigrationsPending => {
+                    tracing::warn!("database migrations pending (run `datastorage migrate`): NOT_SERVING")
+                }
+            }
+            let status = if state == DatabaseState::Ready {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
             };
             set_all(&reporter, status).await;
-            last = Some(reachable);
+            last = Some(state);
         }
         tokio::time::sleep(interval).await;
     }
 }
 
-/// `/healthz`: the process is up. `/readyz`: PostgreSQL is reachable.
+/// `/healthz`: the process is up. `/readyz`: PostgreSQL serves this build's
+/// schema and the server is not shutting down. `/metrics`: Prometheus text.
 pub fn http_router(readiness: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(|State(readiness): State<Readiness>| async move {
-                if readiness.is_ready() {
-                    (StatusCode::OK, "ready\n")
+                let code = if readiness.is_ready() {
+                    StatusCode::OK
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n")
-                }
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (code, readiness.explain())
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    crate::metrics::render(),
+                )
+                    .into_response()
             }),
         )
         .with_state(readiness)
@@ -82,6 +139,6 @@ pub fn http_router(readiness: Readiness) -> Router {
 
 pub async fn serve_http(listener: tokio::net::TcpListener, readiness: Readiness) -> std::io::Result<()> {
     let address: SocketAddr = listener.local_addr()?;
-    tracing::info!(%address, "HTTP health listening");
+    tracing::info!(%address, "HTTP health and metrics listening");
     axum::serve(listener, http_router(readiness)).await
 }

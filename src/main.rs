@@ -43,15 +43,21 @@ async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve => {
-            let settings = server_settings(cli.config.as_deref())?;
-            let app = Application::build(settings).await?;
-            app.run_until_stopped(shutdown_signal()).await?;
+            let (settings, telemetry) = server_settings(cli.config.as_deref())?;
+            let served = async { Application::build(settings).await?.run_until_stopped(shutdown_signal()).await }.await;
+            if let Err(error) = &served {
+                tracing::error!(error = format!("{error:#}"), "the server stopped");
+            }
+            // Spans still buffered are exported before the process exits.
+            telemetry.shutdown();
+            served?;
         }
         Command::Migrate => {
-            let settings = server_settings(cli.config.as_deref())?;
+            let (settings, telemetry) = server_settings(cli.config.as_deref())?;
             let pool = storage::pool(&settings.database, &settings.search)?;
             storage::MIGRATOR.run(&pool).await.context("running migrations")?;
             tracing::info!("migrations applied");
+            telemetry.shutdown();
         }
         // A client of a running server: no server configuration, and no logs
         // mixed into its output.
@@ -62,8 +68,8 @@ async fn main() -> anyhow::Result<ExitCode> {
 }
 
 /// The server's configuration, with telemetry started as it says.
-fn server_settings(config: Option<&Path>) -> anyhow::Result<Settings> {
+fn server_settings(config: Option<&Path>) -> anyhow::Result<(Settings, telemetry::Telemetry)> {
     let settings = Settings::load(config)?;
-    telemetry::init(settings.log.format);
-    Ok(settings)
+    let telemetry = telemetry::init(settings.log.format);
+    Ok((settings, telemetry))
 }

@@ -1,21 +1,26 @@
 //! Builds the whole application from settings and returns a handle with the
 //! bound ports, so tests can start it on port 0 exactly as production does.
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
-use tonic_health::{server::HealthReporter, ServingStatus};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{server::TcpIncoming, Identity, ServerTlsConfig};
+use tonic_health::ServingStatus;
 
 use crate::{
     audit::AuditService,
+    auth::{self, Authenticator},
     config::Settings,
     embedding::{
         self, cache::SharedEmbeddingCache, local::LocalMiniLm, redis_cache::RedisEmbeddingCache, Embedder,
         EmbeddingProvider,
     },
     grpc::{
-        audit_write::AuditWriteService, incident_query::IncidentQueryService, job_status::JobStatusService,
+        audit_write::AuditWriteService,
+        incident_query::IncidentQueryService,
+        job_status::JobStatusService,
+        middleware::{Gate, Observe},
         vector_search::VectorSearchService,
     },
     health::{self, Readiness},
@@ -32,6 +37,7 @@ use crate::{
         },
     },
     query::IncidentQueries,
+    ratelimit::{self, RateLimiter},
     search::SearchService,
     storage::{self, Storage},
 };
@@ -47,6 +53,8 @@ pub struct Application {
     search: Arc<SearchService>,
     jobs: Arc<JobService>,
     outage_queue: Option<Arc<OutageQueue>>,
+    authenticator: Arc<dyn Authenticator>,
+    rate_limiter: Option<Arc<dyn RateLimiter>>,
 }
 
 impl Application {
@@ -58,6 +66,11 @@ impl Application {
 
     /// Builds with a given provider (tests share one loaded model across servers).
     pub async fn build_with_provider(settings: Settings, provider: Arc<dyn EmbeddingProvider>) -> anyhow::Result<Self> {
+        crate::metrics::prometheus();
+        let authenticator = auth::authenticator_from_settings(&settings.auth).context("configuring authentication")?;
+        let rate_limiter = ratelimit::from_settings(&settings.rate_limit, &settings.redis)
+            .await
+            .context("configuring rate limits")?;
         let storage = Storage::new(storage::pool(&settings.database, &settings.search)?)
             .with_chain_hasher(ChainHasher::new(&settings.integrity));
         if settings.database.migrate_on_start {
@@ -163,6 +176,8 @@ impl Application {
             search,
             jobs,
             outage_queue,
+            authenticator,
+            rate_limiter,
         })
     }
 
@@ -174,8 +189,12 @@ impl Application {
         self.http_listener.local_addr().expect("bound listener").port()
     }
 
-    /// Serves until `shutdown` resolves; health turns NOT_SERVING first so that
-    /// load balancers stop routing before the listener closes.
+    /// Serves until `shutdown` resolves, then stops in the order Kubernetes
+    /// needs: health NOT_SERVING first while calls are still served for
+    /// `shutdown.drain_delay_ms` (endpoints update, traffic moves away), then
+    /// the listener closes, watch streams end, and in-flight calls get
+    /// `shutdown.grace_period_ms` before whatever is left is dropped (a
+    /// client holding a stream open must not keep the process alive).
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         health::set_all(&reporter, ServingStatus::NotServing).await;
@@ -186,8 +205,13 @@ impl Application {
             readiness.clone(),
             self.settings.health_check_interval(),
         ));
-        let http = tokio::spawn(health::serve_http(self.http_listener, readiness));
+        let http = tokio::spawn(health::serve_http(self.http_listener, readiness.clone()));
         let pruning = tokio::spawn(prune_sort_history(self.storage.clone(), self.settings.page_token_ttl()));
+        let sampling = tokio::spawn(crate::metrics::sample_state(
+            self.storage.clone(),
+            self.jobs.clone(),
+            Duration::from_secs(5),
+        ));
         let supervisor = tokio::spawn(self.jobs.clone().supervise());
         let replay = self
             .outage_queue
@@ -196,6 +220,7 @@ impl Application {
 
         let reflection_v1 = reflection_builder().build_v1()?;
         let reflection_v1alpha = reflection_builder().build_v1alpha()?;
+        let streams_end = CancellationToken::new();
         let max = self.settings.grpc.max_message_bytes;
         let audit_write = AuditWriteServer::new(AuditWriteService::new(self.audit, self.integrity.clone()))
             .max_decoding_message_size(max)
@@ -206,16 +231,35 @@ impl Application {
         let vector_search = VectorSearchServer::new(VectorSearchService::new(self.search))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-        let job_status = JobStatusServer::new(JobStatusService::new(self.jobs))
+        let job_status = JobStatusServer::new(JobStatusService::new(self.jobs, streams_end.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
 
+        let grpc = &self.settings.grpc;
+        let gate = Gate::new(
+            self.authenticator,
+            self.rate_limiter,
+            grpc.max_concurrent_requests,
+            Duration::from_millis(grpc.default_timeout_ms),
+        );
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &grpc.tls {
+            let identity = Identity::from_pem(
+                std::fs::read(&tls.cert_file).context("reading grpc.tls.cert_file")?,
+                std::fs::read(&tls.key_file).context("reading grpc.tls.key_file")?,
+            );
+            server = server
+                .tls_config(ServerTlsConfig::new().identity(identity))
+                .context("configuring TLS")?;
+        }
         let address = self.grpc_listener.local_addr()?;
-        tracing::info!(%address, "gRPC listening");
+        tracing::info!(%address, tls = grpc.tls.is_some(), "gRPC listening");
         // Without TCP_NODELAY, Nagle's algorithm holds small responses back
         // until the client's delayed ACK: tens of milliseconds per call.
         let incoming = TcpIncoming::from(self.grpc_listener).with_nodelay(Some(true));
-        let result = tonic::transport::Server::builder()
+        let stop_accepting = CancellationToken::new();
+        let serving = server
+            .layer(tower::ServiceBuilder::new().layer(Observe).layer(gate).into_inner())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -223,15 +267,56 @@ impl Application {
             .add_service(incident_query)
             .add_service(vector_search)
             .add_service(job_status)
-            .serve_with_incoming_shutdown(incoming, stop_serving(reporter, monitor, shutdown))
-            .await;
+            .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
+        tokio::pin!(serving);
+
+        let served = tokio::select! {
+            served = &mut serving => Some(served),
+            () = shutdown => None,
+        };
+        let result = match served {
+            Some(served) => served.context("gRPC server failed"),
+            None => {
+                let stopping = &self.settings.shutdown;
+                readiness.shut_down();
+                monitor.abort();
+                health::set_all(&reporter, ServingStatus::NotServing).await;
+                let drain_delay = Duration::from_millis(stopping.drain_delay_ms);
+                tracing::info!(?drain_delay, "shutting down: NOT_SERVING; still serving while traffic moves away");
+                let drained = tokio::select! {
+                    served = &mut serving => Some(served),
+                    () = tokio::time::sleep(drain_delay) => None,
+                };
+                match drained {
+                    Some(served) => served.context("gRPC server failed"),
+                    None => {
+                        stop_accepting.cancel();
+                        streams_end.cancel();
+                        let grace = Duration::from_millis(stopping.grace_period_ms);
+                        match tokio::time::timeout(grace, &mut serving).await {
+                            Ok(served) => served.context("gRPC server failed"),
+                            Err(_) => {
+                                tracing::warn!(?grace, "calls still open after the grace period are dropped");
+                                Ok(())
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        monitor.abort();
         http.abort();
         pruning.abort();
+        sampling.abort();
         supervisor.abort();
         if let Some(replay) = replay {
             replay.abort();
         }
-        result.context("gRPC server failed")
+        if tokio::time::timeout(Duration::from_secs(5), self.storage.pool().close()).await.is_err() {
+            tracing::warn!("closing the database pool timed out");
+        }
+        tracing::info!("stopped");
+        result
     }
 }
 
@@ -247,17 +332,6 @@ async fn prune_sort_history(storage: Storage, token_ttl: std::time::Duration) {
             Err(error) => tracing::warn!(%error, "pruning incident sort history failed"),
         }
     }
-}
-
-async fn stop_serving(
-    reporter: HealthReporter,
-    monitor: tokio::task::JoinHandle<()>,
-    shutdown: impl Future<Output = ()>,
-) {
-    shutdown.await;
-    monitor.abort();
-    health::set_all(&reporter, ServingStatus::NotServing).await;
-    tracing::info!("shutting down");
 }
 
 /// Reflection serves the contract with its google/protobuf and google/rpc

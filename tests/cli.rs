@@ -53,6 +53,7 @@ impl Server {
         settings.grpc.port = 0;
         settings.http.host = [127, 0, 0, 1].into();
         settings.http.port = 0;
+        settings.auth.disabled = true;
         // migrate_on_start is on by default: the server migrates its new database.
         settings.database.url = SecretString::from(database_url(&database));
         settings.database.max_connections = 5;

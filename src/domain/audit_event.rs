@@ -61,6 +61,17 @@ impl AuditKind {
         }
     }
 
+    /// The kind's name in metrics labels (as in configuration).
+    pub fn label(self) -> &'static str {
+        match self {
+            AuditKind::Remediation => "remediation",
+            AuditKind::AiAnalysis => "ai_analysis",
+            AuditKind::Workflow => "workflow",
+            AuditKind::Execution => "execution",
+            AuditKind::Custom => "custom",
+        }
+    }
+
     /// None for UNSPECIFIED and numbers the contract does not define.
     pub fn from_code(code: i32) -> Option<Self> {
         Some(match code {

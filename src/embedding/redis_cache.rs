@@ -144,7 +144,7 @@ fn encode(vector: &[f32]) -> Vec<u8> {
 /// None for bytes that cannot be a vector (another writer, a torn value):
 /// the entry then counts as a miss.
 fn decode(bytes: &[u8]) -> Option<Arc<[f32]>> {
-    if bytes.is_empty() || bytes.len() % 4 != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(4) {
         return None;
     }
     Some(

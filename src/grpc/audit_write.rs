@@ -4,7 +4,8 @@ use tonic::{Request, Response, Status};
 
 use super::{
     convert::{self, ValidationContext},
-    render, ANONYMOUS_SOURCE,
+    middleware::{caller, caller_trace_id},
+    render,
 };
 use crate::{
     audit::AuditService,
@@ -66,11 +67,15 @@ impl AuditWrite for AuditWriteService {
         &self,
         request: Request<pb::WriteAuditRequest>,
     ) -> Result<Response<pb::WriteAuditResponse>, Status> {
-        let write =
-            convert::write_request("", request.into_inner(), &self.context()).map_err(CoreError::InvalidInput)?;
+        let source = caller(&request)?.subject().to_owned();
+        let trace_id = caller_trace_id(&request);
+        let write = tracing::info_span!("validate")
+            .in_scope(|| convert::write_request("", request.into_inner(), &self.context()))
+            .map_err(CoreError::InvalidInput)?;
+        tracing::Span::current().record("correlation_id", write.event.correlation_id.as_str());
         let receipts = self
             .audit
-            .write(ANONYMOUS_SOURCE, vec![write], |_| "event".to_owned())
+            .write(&source, trace_id, vec![write], |_| "event".to_owned())
             .await?;
         let receipt = receipts.into_iter().next().expect("one receipt per write");
         Ok(Response::new(response(receipt)))
@@ -80,6 +85,8 @@ impl AuditWrite for AuditWriteService {
         &self,
         request: Request<pb::BatchWriteAuditRequest>,
     ) -> Result<Response<pb::BatchWriteAuditResponse>, Status> {
+        let source = caller(&request)?.subject().to_owned();
+        let trace_id = caller_trace_id(&request);
         let pb::BatchWriteAuditRequest { requests } = request.into_inner();
         if requests.is_empty() || requests.len() > MAX_BATCH {
             return Err(CoreError::InvalidInput(Violations::single(
@@ -89,22 +96,22 @@ impl AuditWrite for AuditWriteService {
             .into());
         }
         let ctx = self.context();
-        let mut violations = Violations::new();
-        let mut writes = Vec::with_capacity(requests.len());
-        for (index, request) in requests.into_iter().enumerate() {
-            match convert::write_request(&format!("requests[{index}]"), request, &ctx) {
-                Ok(write) => writes.push(write),
-                Err(v) => v
-                    .iter()
-                    .for_each(|f| violations.add(f.field.clone(), f.description.clone())),
+        let writes = tracing::info_span!("validate", requests = requests.len()).in_scope(|| {
+            let mut violations = Violations::new();
+            let mut writes = Vec::with_capacity(requests.len());
+            for (index, request) in requests.into_iter().enumerate() {
+                match convert::write_request(&format!("requests[{index}]"), request, &ctx) {
+                    Ok(write) => writes.push(write),
+                    Err(v) => v
+                        .iter()
+                        .for_each(|f| violations.add(f.field.clone(), f.description.clone())),
+                }
             }
-        }
-        if !violations.is_empty() {
-            return Err(CoreError::InvalidInput(violations).into());
-        }
+            violations.into_result(|| writes).map_err(CoreError::InvalidInput)
+        })?;
         let receipts = self
             .audit
-            .write(ANONYMOUS_SOURCE, writes, |i| format!("requests[{i}].event"))
+            .write(&source, trace_id, writes, |i| format!("requests[{i}].event"))
             .await?;
         Ok(Response::new(pb::BatchWriteAuditResponse {
             responses: receipts.into_iter().map(response).collect(),
@@ -115,11 +122,13 @@ impl AuditWrite for AuditWriteService {
         &self,
         request: Request<pb::PlaceLegalHoldRequest>,
     ) -> Result<Response<pb::LegalHold>, Status> {
+        let placed_by = caller(&request)?.subject().to_owned();
         let pb::PlaceLegalHoldRequest { correlation_id, reason } = request.into_inner();
         let hold = convert::hold_request(correlation_id, reason).map_err(CoreError::InvalidInput)?;
+        tracing::Span::current().record("correlation_id", hold.correlation_id.as_str());
         let placed = self
             .integrity
-            .place_hold(&hold.correlation_id, &hold.reason, ANONYMOUS_SOURCE)
+            .place_hold(&hold.correlation_id, &hold.reason, &placed_by)
             .await?;
         Ok(Response::new(render::legal_hold(placed)))
     }
@@ -128,11 +137,13 @@ impl AuditWrite for AuditWriteService {
         &self,
         request: Request<pb::ReleaseLegalHoldRequest>,
     ) -> Result<Response<pb::LegalHold>, Status> {
+        let released_by = caller(&request)?.subject().to_owned();
         let pb::ReleaseLegalHoldRequest { correlation_id, reason } = request.into_inner();
         let hold = convert::hold_request(correlation_id, reason).map_err(CoreError::InvalidInput)?;
+        tracing::Span::current().record("correlation_id", hold.correlation_id.as_str());
         let released = self
             .integrity
-            .release_hold(&hold.correlation_id, &hold.reason, ANONYMOUS_SOURCE)
+            .release_hold(&hold.correlation_id, &hold.reason, &released_by)
             .await?;
         Ok(Response::new(render::legal_hold(released)))
     }

@@ -5,9 +5,7 @@ pub mod audit_write;
 pub mod convert;
 pub mod incident_query;
 pub mod job_status;
+pub mod middleware;
 pub mod render;
 pub mod status;
 pub mod vector_search;
-
-/// The caller recorded as an event's `source` until authentication lands.
-pub const ANONYMOUS_SOURCE: &str = "anonymous";

@@ -39,6 +39,37 @@ impl From<CoreError> for Status {
                     details,
                 )
             }
+            CoreError::Unauthenticated { reason } => Status::with_error_details(
+                Code::Unauthenticated,
+                "a valid bearer token is required (authorization: Bearer <JWT>)",
+                ErrorDetails::with_error_info(reason, ERROR_DOMAIN, []),
+            ),
+            CoreError::PermissionDenied { required } => Status::with_error_details(
+                Code::PermissionDenied,
+                format!("this call needs the scope {required}"),
+                ErrorDetails::with_error_info(
+                    "SCOPE_MISSING",
+                    ERROR_DOMAIN,
+                    [("required_scope".to_owned(), required.to_string())],
+                ),
+            ),
+            CoreError::RateLimited { retry_after } => {
+                let mut details = ErrorDetails::with_error_info("RATE_LIMITED", ERROR_DOMAIN, []);
+                details.set_retry_info(Some(retry_after));
+                Status::with_error_details(Code::ResourceExhausted, "rate limit exceeded; retry later", details)
+            }
+            CoreError::Overloaded => {
+                let mut details = ErrorDetails::with_error_info("OVERLOADED", ERROR_DOMAIN, []);
+                details.set_retry_info(Some(std::time::Duration::from_millis(100)));
+                Status::with_error_details(
+                    Code::Unavailable,
+                    "the server is at its concurrency limit; retry, ideally on another replica",
+                    details,
+                )
+            }
+            CoreError::DeadlineExceeded { after } => {
+                Status::deadline_exceeded(format!("deadline exceeded after {} ms", after.as_millis()))
+            }
             CoreError::Internal(source) => {
                 tracing::error!(error = format!("{source:#}"), "internal error");
                 Status::internal("internal error")

@@ -26,6 +26,9 @@ pub struct PreparedWrite {
     pub request_id: Option<RequestId>,
     pub search_text: Option<String>,
     pub embedding: EmbeddingDecision,
+    /// The W3C trace id of the call that wrote it, when the caller sent one.
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -359,7 +362,7 @@ fn chain_record(source: &str, write: &PreparedWrite) -> Result<ChainRecord, TxFa
         parent_event_id: event.parent_event_id,
         payload: serde_json::to_value(&event.payload).map_err(|e| TxFailure::Fail(CoreError::Internal(e.into())))?,
         source: source.to_owned(),
-        trace_id: None,
+        trace_id: write.trace_id.clone(),
     })
 }
 

@@ -26,6 +26,14 @@ pub struct EmbeddingTask {
 pub type EventPosition = (DateTime<Utc>, Uuid);
 
 impl Storage {
+    /// Events waiting for any model's embedding (the metrics gauge).
+    pub async fn pending_embeddings_total(&self) -> Result<i64, CoreError> {
+        sqlx::query_scalar("SELECT count(*) FROM pending_embeddings")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(CoreError::database)
+    }
+
     /// Deferred events of `model` still waiting for an embedding.
     pub async fn pending_embedding_count(&self, model: &ModelHandle) -> Result<i64, CoreError> {
         sqlx::query_scalar("SELECT count(*) FROM pending_embeddings WHERE model_id = $1")

@@ -34,6 +34,14 @@ use crate::{
     integrity::chain::ChainHasher,
 };
 
+/// What the readiness probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseState {
+    Ready,
+    Unreachable,
+    MigrationsPending,
+}
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A registered embedding model: its row id is what embeddings and indexes refer to.
@@ -92,9 +100,24 @@ impl Storage {
         &self.pool
     }
 
-    /// True when PostgreSQL answers a trivial query within the pool's acquire timeout.
-    pub async fn is_reachable(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    /// Whether this build can serve from the database now: PostgreSQL
+    /// answers within the pool's acquire timeout, and every migration this
+    /// build knows is applied (a newer replica may have applied more).
+    pub async fn probe(&self) -> DatabaseState {
+        let latest_known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Result<i64, _> =
+            sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await;
+        match applied {
+            Ok(version) if version >= latest_known => DatabaseState::Ready,
+            Ok(_) => DatabaseState::MigrationsPending,
+            // No migrations table yet is a schema behind, not an outage.
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => {
+                DatabaseState::MigrationsPending
+            }
+            Err(_) => DatabaseState::Unreachable,
+        }
     }
 
     /// Registers the model (idempotently) and makes sure its vector index exists.

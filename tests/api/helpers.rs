@@ -101,6 +101,12 @@ pub fn test_settings(database_url: String) -> Settings {
     settings.database.max_connections = 5;
     settings.embedding.model_dir = model_dir();
     settings.log.format = LogFormat::Pretty;
+    // Authentication has its own tests (auth.rs); elsewhere the caller is anonymous.
+    settings.auth.disabled = true;
+    // Tests call in bursts far above any sane per-caller rate; protection.rs tests the limits.
+    settings.rate_limit.enabled = false;
+    settings.shutdown.drain_delay_ms = 50;
+    settings.shutdown.grace_period_ms = 2_000;
     settings
 }
 
@@ -148,7 +154,8 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings), provider: Arc
 
 pub async fn spawn_with_settings(settings: Settings, provider: Arc<dyn EmbeddingProvider>) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
-        datastorage::telemetry::init(LogFormat::Pretty);
+        // Lives as long as the process: the subscriber is global.
+        std::mem::forget(datastorage::telemetry::init(LogFormat::Pretty));
     }
     let db = PgPool::connect_lazy(secrecy::ExposeSecret::expose_secret(&settings.database.url)).unwrap();
     let app = Application::build_with_provider(settings, provider)

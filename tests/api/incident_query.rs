@@ -1797,7 +1797,7 @@ async fn paging_lists_the_first_pages_snapshot_while_incidents_change_and_new_on
                     );
                     let sink = event(&rrids[(written + 5) % rrids.len()], b - 100_000 - k, custom("bg.sink"));
                     let mut requests = vec![write(bump), write(sink)];
-                    if written % 3 == 0 {
+                    if written.is_multiple_of(3) {
                         requests.push(write(event(
                             &format!("rr-{run}-bg-{round}-{k}"),
                             b + 450,

@@ -253,6 +253,7 @@ async fn a_queued_write_that_keeps_failing_moves_to_the_dead_letter_stream() {
                 request_id: None,
                 search_text: None,
                 embedding: EmbeddingDecision::None,
+                trace_id: None,
             }],
         })
         .await

@@ -5,10 +5,10 @@ use std::{collections::HashSet, sync::Arc};
 
 use crate::{
     config::FailurePolicy,
-    metrics::EVENTS_WRITTEN,
     domain::{incident_id_for, AuditEvent, EmbeddingState, Violations, WriteReceipt, WriteRequest},
     embedding::Embedder,
     error::CoreError,
+    metrics::EVENTS_WRITTEN,
     models::Models,
     outage::{OutageQueue, QueuedBatch},
     storage::{EmbeddingDecision, PreparedWrite, Storage},

@@ -732,10 +732,13 @@ impl Settings {
         use anyhow::ensure;
         let limits = &self.rate_limit;
         let rates = std::iter::once(("rate_limit".to_owned(), limits.requests_per_second, limits.burst)).chain(
-            limits
-                .scopes
-                .iter()
-                .map(|(scope, rate)| (format!("rate_limit.scopes.{scope:?}"), rate.requests_per_second, rate.burst)),
+            limits.scopes.iter().map(|(scope, rate)| {
+                (
+                    format!("rate_limit.scopes.{scope:?}"),
+                    rate.requests_per_second,
+                    rate.burst,
+                )
+            }),
         );
         for (name, per_second, burst) in rates {
             ensure!(

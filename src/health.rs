@@ -128,7 +128,10 @@ pub fn http_router(readiness: Readiness) -> Router {
             "/metrics",
             get(|| async {
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
                     crate::metrics::render(),
                 )
                     .into_response()

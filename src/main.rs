@@ -44,7 +44,13 @@ async fn main() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve => {
             let (settings, telemetry) = server_settings(cli.config.as_deref())?;
-            let served = async { Application::build(settings).await?.run_until_stopped(shutdown_signal()).await }.await;
+            let served = async {
+                Application::build(settings)
+                    .await?
+                    .run_until_stopped(shutdown_signal())
+                    .await
+            }
+            .await;
             if let Err(error) = &served {
                 tracing::error!(error = format!("{error:#}"), "the server stopped");
             }

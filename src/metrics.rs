@@ -55,13 +55,27 @@ pub fn prometheus() -> &'static PrometheusHandle {
 fn describe() {
     describe_counter!(GRPC_STARTED, "RPCs started, by service and method.");
     describe_counter!(GRPC_HANDLED, "RPCs completed, by service, method and gRPC status code.");
-    describe_histogram!(GRPC_HANDLING_SECONDS, Unit::Seconds, "RPC latency until the last response byte.");
-    describe_histogram!(EMBEDDING_SECONDS, Unit::Seconds, "Embedding provider calls, by provider.");
+    describe_histogram!(
+        GRPC_HANDLING_SECONDS,
+        Unit::Seconds,
+        "RPC latency until the last response byte."
+    );
+    describe_histogram!(
+        EMBEDDING_SECONDS,
+        Unit::Seconds,
+        "Embedding provider calls, by provider."
+    );
     describe_histogram!(EMBEDDING_BATCH_SIZE, "Texts per embedding provider call.");
-    describe_counter!(EMBEDDING_CACHE, "Embedding cache lookups by tier (l1, l2) and result (hit, miss).");
+    describe_counter!(
+        EMBEDDING_CACHE,
+        "Embedding cache lookups by tier (l1, l2) and result (hit, miss)."
+    );
     describe_counter!(EVENTS_WRITTEN, "Audit events committed, by kind.");
     describe_counter!(RATE_LIMITED, "Calls refused by the per-caller rate limit, by scope.");
-    describe_gauge!(DB_POOL_CONNECTIONS, "PostgreSQL pool connections by state (in_use, idle).");
+    describe_gauge!(
+        DB_POOL_CONNECTIONS,
+        "PostgreSQL pool connections by state (in_use, idle)."
+    );
     describe_gauge!(EMBEDDINGS_PENDING, "Events waiting for the backfill to embed them.");
     describe_gauge!(JOBS, "Jobs by state, among the newest 1000.");
 }

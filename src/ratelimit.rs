@@ -170,7 +170,11 @@ impl RateLimiter for RedisRateLimiter {
             return self.fallback.take(caller, scope);
         }
         let answer: Result<u64, _> = GCRA
-            .evalsha_with_reload(&self.client, vec![key], vec![interval.to_string(), tolerance.to_string()])
+            .evalsha_with_reload(
+                &self.client,
+                vec![key],
+                vec![interval.to_string(), tolerance.to_string()],
+            )
             .await;
         match answer {
             Ok(0) => Ok(()),
@@ -213,8 +217,14 @@ mod tests {
         }
         let RetryAfter(wait) = limiter.take("gateway", Scope::AuditWrite).unwrap_err();
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
-        limiter.take("dashboard", Scope::AuditWrite).expect("another caller has its own bucket");
-        limiter.take("gateway", Scope::SearchRead).expect("another scope has its own bucket");
-        limiter.take("gateway", Scope::SearchRead).expect_err("search:read has its own, smaller rate");
+        limiter
+            .take("dashboard", Scope::AuditWrite)
+            .expect("another caller has its own bucket");
+        limiter
+            .take("gateway", Scope::SearchRead)
+            .expect("another scope has its own bucket");
+        limiter
+            .take("gateway", Scope::SearchRead)
+            .expect_err("search:read has its own, smaller rate");
     }
 }

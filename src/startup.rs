@@ -282,7 +282,10 @@ impl Application {
                 monitor.abort();
                 health::set_all(&reporter, ServingStatus::NotServing).await;
                 let drain_delay = Duration::from_millis(stopping.drain_delay_ms);
-                tracing::info!(?drain_delay, "shutting down: NOT_SERVING; still serving while traffic moves away");
+                tracing::info!(
+                    ?drain_delay,
+                    "shutting down: NOT_SERVING; still serving while traffic moves away"
+                );
                 let drained = tokio::select! {
                     served = &mut serving => Some(served),
                     () = tokio::time::sleep(drain_delay) => None,
@@ -312,7 +315,10 @@ impl Application {
         if let Some(replay) = replay {
             replay.abort();
         }
-        if tokio::time::timeout(Duration::from_secs(5), self.storage.pool().close()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), self.storage.pool().close())
+            .await
+            .is_err()
+        {
             tracing::warn!("closing the database pool timed out");
         }
         tracing::info!("stopped");

@@ -106,14 +106,19 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, METHODS.iter().filter(|m| m.service.starts_with("datastorage.")).count());
+        assert_eq!(
+            seen,
+            METHODS.iter().filter(|m| m.service.starts_with("datastorage.")).count()
+        );
     }
 
     #[test]
     fn probes_and_reflection_are_open_and_unknown_paths_have_no_policy() {
         assert_eq!(for_path("/grpc.health.v1.Health/Check").unwrap().access, Access::Open);
         assert_eq!(
-            for_path("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo").unwrap().access,
+            for_path("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+                .unwrap()
+                .access,
             Access::Open
         );
         assert!(for_path("/datastorage.v1.AuditWrite/DropEverything").is_none());

@@ -99,7 +99,11 @@ impl JwtAuthenticator {
                 key,
             });
         }
-        let jwks = settings.jwks_url.as_ref().map(|url| JwksCache::new(url, settings)).transpose()?;
+        let jwks = settings
+            .jwks_url
+            .as_ref()
+            .map(|url| JwksCache::new(url, settings))
+            .transpose()?;
 
         // Placeholder algorithm: each verification sets the key's own.
         let mut validation = Validation::new(Algorithm::RS256);

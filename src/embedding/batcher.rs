@@ -7,6 +7,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EmbeddingError, EmbeddingProvider};
+use crate::metrics::{EMBEDDING_BATCH_SIZE, EMBEDDING_SECONDS};
 
 struct Pending {
     text: String,
@@ -76,7 +77,12 @@ async fn run_worker(
         }
         let texts: Vec<String> = batch.iter().map(|p| p.text.clone()).collect();
         tracing::debug!(batch_size = texts.len(), "embedding batch");
-        match provider.embed(&texts).await {
+        let model = provider.model_name().to_owned();
+        metrics::histogram!(EMBEDDING_BATCH_SIZE, "model" => model.clone()).record(texts.len() as f64);
+        let started = std::time::Instant::now();
+        let embedded = provider.embed(&texts).await;
+        metrics::histogram!(EMBEDDING_SECONDS, "model" => model).record(started.elapsed().as_secs_f64());
+        match embedded {
             Ok(vectors) if vectors.len() == batch.len() => {
                 for (pending, vector) in batch.into_iter().zip(vectors) {
                     let _ = pending.reply.send(Ok(vector));

@@ -17,7 +17,10 @@ use self::{
     batcher::MicroBatcher,
     cache::{CacheKey, EmbeddingCache, SharedEmbeddingCache},
 };
-use crate::config::{EmbeddingSettings, ProviderKind};
+use crate::{
+    config::{EmbeddingSettings, ProviderKind},
+    metrics::EMBEDDING_CACHE,
+};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EmbeddingError {
@@ -92,7 +95,17 @@ impl Embedder {
 
     /// Embeds every text or none: a provider failure fails the whole set, so
     /// the caller applies its failure policy to the request as a unit.
-    #[tracing::instrument(skip_all, fields(texts = texts.len()))]
+    #[tracing::instrument(
+        name = "embedding",
+        skip_all,
+        fields(
+            texts = texts.len(),
+            cache.hit = tracing::field::Empty,
+            cache.l1_hits = tracing::field::Empty,
+            cache.l2_hits = tracing::field::Empty,
+            generated = tracing::field::Empty,
+        )
+    )]
     pub async fn embed_all(&self, texts: &[String]) -> Result<Vec<Embedded>, EmbeddingError> {
         let keys: Vec<_> = texts.iter().map(|t| self.cache.key(&self.model_name, t)).collect();
         let mut results: Vec<Option<Embedded>> = Vec::with_capacity(texts.len());
@@ -109,11 +122,20 @@ impl Embedder {
                 }
             }
         }
+        let l1_hits = texts.len() - misses.len();
+        count_cache_lookups("l1", l1_hits, misses.len());
         if let Some(shared_cache) = self.shared_cache.as_deref().filter(|_| !misses.is_empty()) {
+            let asked = misses.len();
             misses = self
                 .fill_from_shared_cache(shared_cache, &keys, misses, &mut results)
                 .await;
+            count_cache_lookups("l2", asked - misses.len(), misses.len());
         }
+        let span = tracing::Span::current();
+        span.record("cache.hit", misses.is_empty());
+        span.record("cache.l1_hits", l1_hits);
+        span.record("cache.l2_hits", texts.len() - l1_hits - misses.len());
+        span.record("generated", misses.len());
         if !misses.is_empty() {
             let miss_texts: Vec<String> = misses.iter().map(|&i| texts[i].clone()).collect();
             let vectors = self.batcher.embed(miss_texts).await?;
@@ -168,6 +190,15 @@ impl Embedder {
             }
         }
         still_missing
+    }
+}
+
+fn count_cache_lookups(tier: &'static str, hits: usize, misses: usize) {
+    if hits > 0 {
+        metrics::counter!(EMBEDDING_CACHE, "tier" => tier, "result" => "hit").increment(hits as u64);
+    }
+    if misses > 0 {
+        metrics::counter!(EMBEDDING_CACHE, "tier" => tier, "result" => "miss").increment(misses as u64);
     }
 }
 

@@ -313,8 +313,9 @@ fn rpc_span(request: &mut http::Request<Body>, service: &'static str, method: &'
         enduser.id = Empty,
         correlation_id = Empty,
     );
-    let parent =
-        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(request.headers())));
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(request.headers()))
+    });
     let remote = parent.span().span_context().clone();
     if remote.is_valid() {
         request
@@ -453,7 +454,9 @@ impl HttpBody for ObservedBody {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
         let finished = match &frame {
-            Some(Ok(frame)) => frame.trailers_ref().map(|trailers| grpc_status(trailers).unwrap_or(Code::Unknown)),
+            Some(Ok(frame)) => frame
+                .trailers_ref()
+                .map(|trailers| grpc_status(trailers).unwrap_or(Code::Unknown)),
             Some(Err(status)) => Some(status.code()),
             None => Some(Code::Ok),
         };
@@ -476,10 +479,11 @@ impl HttpBody for ObservedBody {
 
 /// The principal the gate admitted; every guarded RPC has one.
 pub fn caller<T>(request: &tonic::Request<T>) -> Result<&Principal, Status> {
-    request
-        .extensions()
-        .get::<Principal>()
-        .ok_or_else(|| Status::from(CoreError::Unauthenticated { reason: "TOKEN_MISSING" }))
+    request.extensions().get::<Principal>().ok_or_else(|| {
+        Status::from(CoreError::Unauthenticated {
+            reason: "TOKEN_MISSING",
+        })
+    })
 }
 
 /// The caller's W3C trace id, when it sent a `traceparent`.

@@ -105,7 +105,7 @@ impl Storage {
     /// Writes every event or none. Receipts come back in request order; a
     /// request whose key was already used for the same event is answered from
     /// the stored key and writes nothing.
-    #[tracing::instrument(skip_all, fields(events = writes.len()))]
+    #[tracing::instrument(name = "db.transaction", skip_all, fields(db.system = "postgresql", events = writes.len()))]
     pub async fn write_events(
         &self,
         source: &str,

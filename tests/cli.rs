@@ -411,3 +411,141 @@ async fn an_audit_export_saved_by_the_cli_verifies_offline_until_a_byte_changes(
     assert!(tampered.stdout.starts_with("NOT AUTHENTIC"), "{tampered:?}");
     server.stop().await;
 }
+
+/// `datastorage serve` as Kubernetes stops it: SIGTERM turns health
+/// NOT_SERVING at once while calls are still served for the drain delay, an
+/// in-flight call finishes, and a stream that never ends on its own (a health
+/// Watch) cannot keep the process alive past the grace period.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_in_flight_calls_and_reports_not_serving_before_exit() {
+    use std::{
+        io::BufRead,
+        process::Stdio,
+        time::{Duration, Instant},
+    };
+
+    use datastorage::proto::v1::{incident_query_client::IncidentQueryClient, ListIncidentsRequest};
+    use tokio_stream::StreamExt;
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+
+    let database = format!("ds_cli_test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+    admin
+        .execute(AssertSqlSafe(format!(r#"CREATE DATABASE "{database}""#)))
+        .await
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_datastorage"))
+        .arg("serve")
+        .env("DATASTORAGE_DATABASE__URL", database_url(&database))
+        .env("DATASTORAGE_EMBEDDING__MODEL_DIR", model_dir())
+        .env("DATASTORAGE_AUTH__DISABLED", "true")
+        .env("DATASTORAGE_GRPC__HOST", "127.0.0.1")
+        .env("DATASTORAGE_GRPC__PORT", "0")
+        .env("DATASTORAGE_HTTP__HOST", "127.0.0.1")
+        .env("DATASTORAGE_HTTP__PORT", "0")
+        .env("DATASTORAGE_DATABASE__HEALTH_CHECK_INTERVAL_MS", "100")
+        .env("DATASTORAGE_SHUTDOWN__DRAIN_DELAY_MS", "1000")
+        .env("DATASTORAGE_SHUTDOWN__GRACE_PERIOD_MS", "3000")
+        .env("DATASTORAGE_LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the binary starts");
+    // The JSON log says where it listens; keep draining it so the pipe never fills.
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(json) = serde_json::from_str::<Value>(&line) {
+                let _ = lines_tx.send(json);
+            }
+        }
+    });
+    let address = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.recv().await {
+            if line["message"] == "gRPC listening" {
+                return line["address"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("the server exited before listening");
+    })
+    .await
+    .expect("the server listens within a minute");
+    let endpoint = format!("http://{address}");
+    let channel = || async {
+        tonic::transport::Channel::from_shared(endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    };
+
+    let mut watch = HealthClient::new(channel().await)
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let status_of = |message: Option<Result<tonic_health::pb::HealthCheckResponse, tonic::Status>>| {
+        message.expect("a health update").expect("no error").status()
+    };
+    while status_of(watch.next().await) != ServingStatus::Serving {}
+
+    // An in-flight call: it waits on a lock the test holds.
+    let mut locker = PgConnection::connect(&database_url(&database)).await.unwrap();
+    locker.execute("BEGIN").await.unwrap();
+    locker
+        .execute("LOCK TABLE incidents IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut incidents = IncidentQueryClient::new(channel().await);
+    let in_flight = tokio::spawn(async move { incidents.list_incidents(ListIncidentsRequest::default()).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let terminated = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(
+        status_of(
+            tokio::time::timeout(Duration::from_secs(2), watch.next())
+                .await
+                .unwrap()
+        ),
+        ServingStatus::NotServing,
+        "health turns NOT_SERVING first"
+    );
+    // Still served during the drain delay, so a probe on a new connection sees it.
+    let probe = HealthClient::new(channel().await)
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .expect("calls are still accepted while traffic moves away");
+    assert_eq!(probe.into_inner().status(), ServingStatus::NotServing);
+
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    locker.execute("COMMIT").await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(5), in_flight)
+        .await
+        .expect("the in-flight call ends")
+        .unwrap();
+    assert!(answered.is_ok(), "the in-flight call finishes normally: {answered:?}");
+
+    // The health Watch stream is still open: only the grace period ends it.
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "clean exit after SIGTERM: {exit:?}");
+    let took = terminated.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "drain (1 s) + grace (3 s) bound the exit, open streams or not: {took:?}"
+    );
+    admin
+        .execute(AssertSqlSafe(format!(r#"DROP DATABASE "{database}" WITH (FORCE)"#)))
+        .await
+        .unwrap();
+}

@@ -1,6 +1,7 @@
 //! Black-box tests: each starts the real server on port 0 against a fresh
 //! database in the project's PostgreSQL and talks gRPC to it.
 mod audit_write;
+mod auth;
 mod embedding_cache;
 mod health;
 mod helpers;
@@ -10,6 +11,8 @@ mod integrity;
 mod job_store;
 mod jobs;
 mod jobs_redis;
+mod metrics;
 mod outage;
+mod protection;
 mod reflection;
 mod vector_search;

@@ -87,6 +87,9 @@ pub struct AuthSettings {
     /// PEM CA bundle that signs the JWKS server's certificate, when it is not
     /// publicly trusted (the Kubernetes API server's CA).
     pub jwks_ca_file: Option<PathBuf>,
+    /// A bearer token sent with the JWKS request, read anew for each fetch
+    /// (Kubernetes: the pod's projected service-account token, which rotates).
+    pub jwks_bearer_token_file: Option<PathBuf>,
     /// How long fetched JWKS keys are used before they are fetched again.
     pub jwks_refresh_secs: u64,
     /// A token with an unknown `kid` fetches the JWKS again, at most this often,
@@ -461,6 +464,7 @@ impl Default for Settings {
                 public_keys: Vec::new(),
                 jwks_url: None,
                 jwks_ca_file: None,
+                jwks_bearer_token_file: None,
                 jwks_refresh_secs: 300,
                 jwks_min_refresh_secs: 10,
                 subject_scopes: BTreeMap::new(),

@@ -183,6 +183,7 @@ fn read_public_key(path: &Path, algorithm: Algorithm) -> anyhow::Result<Decoding
 struct JwksCache {
     url: String,
     client: reqwest::Client,
+    bearer_token_file: Option<std::path::PathBuf>,
     refresh_every: Duration,
     min_refresh: Duration,
     state: RwLock<JwksState>,
@@ -205,6 +206,7 @@ impl JwksCache {
         Ok(JwksCache {
             url: url.to_owned(),
             client: client.build()?,
+            bearer_token_file: settings.jwks_bearer_token_file.clone(),
             refresh_every: Duration::from_secs(settings.jwks_refresh_secs),
             min_refresh: Duration::from_secs(settings.jwks_min_refresh_secs),
             state: RwLock::new(JwksState::default()),
@@ -241,9 +243,13 @@ impl JwksCache {
     }
 
     async fn fetch(&self) -> anyhow::Result<HashMap<String, VerificationKey>> {
-        let set: JwkSet = self
-            .client
-            .get(&self.url)
+        let mut request = self.client.get(&self.url);
+        if let Some(path) = &self.bearer_token_file {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading auth.jwks_bearer_token_file ({})", path.display()))?;
+            request = request.bearer_auth(token.trim());
+        }
+        let set: JwkSet = request
             .send()
             .await?
             .error_for_status()?

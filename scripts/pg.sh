@@ -4,6 +4,10 @@
 #   scripts/pg.sh start  [DATADIR] [PORT]   initdb if needed, start, wait, ensure role/db/extension
 #   scripts/pg.sh stop   [DATADIR]          fast shutdown (no-op when not running)
 #   scripts/pg.sh status [DATADIR]          exit 0 when running, 3 when not
+#   scripts/pg.sh replica PRIMARY_PORT DATADIR PORT
+#                                          a streaming replica of the cluster on
+#                                          PRIMARY_PORT (pg_basebackup -R), started
+#                                          on PORT; later `start DATADIR PORT` restarts it
 #
 # Defaults: DATADIR=<repo>/.cache/pg/data, PORT=55432 (not 5432, so it never
 # collides with a system cluster). Integration tests call it with a private
@@ -27,9 +31,16 @@ datadir="${2:-$root/.cache/pg/data}"
 port="${3:-55432}"
 
 usage() {
-  echo "usage: $0 start [DATADIR] [PORT] | stop [DATADIR] | status [DATADIR]" >&2
+  echo "usage: $0 start [DATADIR] [PORT] | stop [DATADIR] | status [DATADIR] | replica PRIMARY_PORT DATADIR PORT" >&2
   exit 2
 }
+
+if [ "$cmd" = replica ]; then
+  [ $# -eq 4 ] || usage
+  primary_port="$2"
+  datadir="$3"
+  port="$4"
+fi
 
 [ -x "$PGBIN/pg_ctl" ] || { echo "pg.sh: $PGBIN/pg_ctl not found; run scripts/install-deps.sh (make deps)" >&2; exit 1; }
 
@@ -99,6 +110,7 @@ init_cluster() {
 local   all  all                 trust
 host    all  all  127.0.0.1/32   trust
 host    all  all  ::1/128        trust
+host    replication  all  127.0.0.1/32  trust
 HBA
   echo "include_if_exists = 'datastorage.conf'" | as_pg tee -a "$datadir/postgresql.conf" >/dev/null
 }
@@ -184,12 +196,37 @@ start() {
     fi
     wait_ready
   fi
-  if ! ensure_objects; then
+  # A standby is read-only: its role, database and extension come from the primary.
+  if [ ! -f "$datadir/standby.signal" ] && ! ensure_objects; then
     echo "pg.sh: could not create role/database/extension" >&2
     log_tail
     exit 1
   fi
   echo "postgres: running on 127.0.0.1:$(running_port) (data: $datadir)"
+}
+
+replica() {
+  if [ -f "$datadir/PG_VERSION" ]; then
+    echo "pg.sh: $datadir already holds a cluster; use start to run it" >&2
+    exit 1
+  fi
+  mkdir -p "$datadir"
+  if [ "$(id -u)" = 0 ]; then
+    make_traversable
+    chown postgres:postgres "$datadir"
+  fi
+  chmod 700 "$datadir"
+  # -R writes standby.signal and primary_conninfo; -X stream copies the WAL
+  # written meanwhile, so the copy is consistent without archiving.
+  local out
+  if ! out="$(as_pg "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$primary_port" -U postgres \
+      -D "$datadir" -R -X stream --checkpoint=fast --no-sync 2>&1)"; then
+    echo "pg.sh: pg_basebackup from 127.0.0.1:$primary_port failed:" >&2
+    echo "$out" >&2
+    exit 1
+  fi
+  start
+  echo "postgres: replica of 127.0.0.1:$primary_port streaming (data: $datadir)"
 }
 
 stop() {
@@ -218,5 +255,6 @@ case "$cmd" in
   start) start ;;
   stop) stop ;;
   status) status ;;
+  replica) replica ;;
   *) usage ;;
 esac

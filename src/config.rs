@@ -161,6 +161,13 @@ pub struct HttpSettings {
 pub struct DatabaseSettings {
     #[serde(serialize_with = "serialize_secret")]
     pub url: SecretString,
+    /// A streaming replica of `url`. IncidentQuery and VectorSearch read from
+    /// it (falling back to the primary while it is unreachable); writes, jobs,
+    /// chain verification and exports use the primary. Reads may lag the
+    /// primary by the replication delay.
+    #[serde(serialize_with = "serialize_optional_secret")]
+    pub read_replica_url: Option<SecretString>,
+    /// Connections per pool (the primary's, and the replica's when set).
     pub max_connections: u32,
     /// How long a call waits for a pooled connection before answering UNAVAILABLE.
     pub acquire_timeout_ms: u64,
@@ -399,6 +406,7 @@ impl Default for Settings {
             },
             database: DatabaseSettings {
                 url: SecretString::from("postgres://datastorage:datastorage@127.0.0.1:55432/datastorage"),
+                read_replica_url: None,
                 max_connections: 20,
                 acquire_timeout_ms: 2_000,
                 health_check_interval_ms: 2_000,
@@ -490,6 +498,20 @@ impl Default for Settings {
 impl Settings {
     /// Defaults, then `file` if given, then `DATASTORAGE_*` env vars; then validated.
     pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let settings = Self::layered(file)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// What `datastorage migrate` needs: the layered settings with only the
+    /// database checked, so a migration job runs without the model or keys.
+    pub fn load_for_migrations(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let settings = Self::layered(file)?;
+        settings.validate_database()?;
+        Ok(settings)
+    }
+
+    fn layered(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Settings::default()));
         if let Some(file) = file {
             anyhow::ensure!(file.exists(), "configuration file {} does not exist", file.display());
@@ -507,25 +529,34 @@ impl Settings {
                 })
                 .split("__"),
         );
-        let settings: Settings = figment
+        figment
             .extract()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-        settings.validate()?;
-        Ok(settings)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        use anyhow::ensure;
-        use secrecy::ExposeSecret;
-        ensure!(
+        anyhow::ensure!(
             self.grpc.max_message_bytes >= 64 * 1024,
             "grpc.max_message_bytes must be at least 65536"
         );
+        self.validate_database()?;
+        self.validate_rest()
+    }
+
+    fn validate_database(&self) -> anyhow::Result<()> {
+        use anyhow::ensure;
+        use secrecy::ExposeSecret;
         ensure!(
             self.database.url.expose_secret().starts_with("postgres://")
                 || self.database.url.expose_secret().starts_with("postgresql://"),
             "database.url must be a postgres:// URL"
         );
+        if let Some(url) = &self.database.read_replica_url {
+            ensure!(
+                url.expose_secret().starts_with("postgres://") || url.expose_secret().starts_with("postgresql://"),
+                "database.read_replica_url must be a postgres:// URL"
+            );
+        }
         ensure!(
             self.database.max_connections >= 1,
             "database.max_connections must be at least 1"
@@ -538,6 +569,12 @@ impl Settings {
             self.database.health_check_interval_ms >= 10,
             "database.health_check_interval_ms must be at least 10"
         );
+        Ok(())
+    }
+
+    fn validate_rest(&self) -> anyhow::Result<()> {
+        use anyhow::ensure;
+        use secrecy::ExposeSecret;
         ensure!(
             (1..=1024).contains(&self.embedding.batch_max_size),
             "embedding.batch_max_size must be within 1..=1024"
@@ -822,6 +859,20 @@ mod tests {
             jail.set_env("DATASTORAGE_DATABASE__MAX_CONNECTIONS", "lots");
             let error = Settings::load(None).unwrap_err().to_string();
             assert!(error.to_lowercase().contains("database.max_connections"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn migrations_need_only_the_database_settings() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DATASTORAGE_EMBEDDING__MODEL_DIR", "/nonexistent");
+            Settings::load(None).expect_err("serving needs the model and an auth choice");
+            let settings = Settings::load_for_migrations(None).expect("migrating needs neither");
+            assert!(settings.auth.hs256_secret.is_none());
+            jail.set_env("DATASTORAGE_DATABASE__URL", "mysql://nope");
+            let error = Settings::load_for_migrations(None).unwrap_err().to_string();
+            assert!(error.contains("database.url"), "{error}");
             Ok(())
         });
     }

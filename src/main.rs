@@ -59,7 +59,8 @@ async fn main() -> anyhow::Result<ExitCode> {
             served?;
         }
         Command::Migrate => {
-            let (settings, telemetry) = server_settings(cli.config.as_deref())?;
+            let settings = Settings::load_for_migrations(cli.config.as_deref())?;
+            let telemetry = telemetry::init(settings.log.format);
             let pool = storage::pool(&settings.database, &settings.search)?;
             storage::MIGRATOR.run(&pool).await.context("running migrations")?;
             tracing::info!("migrations applied");

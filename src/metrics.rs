@@ -95,10 +95,13 @@ pub async fn sample_state(storage: Storage, jobs: std::sync::Arc<JobService>, ti
     let mut ticks = 0u32;
     loop {
         every.tick().await;
-        let pool = storage.pool();
-        let idle = pool.num_idle() as f64;
-        gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
-        gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set((f64::from(pool.size()) - idle).max(0.0));
+        let pools = std::iter::once(("primary", storage.pool())).chain(storage.replica_pool().map(|p| ("replica", p)));
+        for (name, pool) in pools {
+            let idle = pool.num_idle() as f64;
+            gauge!(DB_POOL_CONNECTIONS, "pool" => name, "state" => "idle").set(idle);
+            gauge!(DB_POOL_CONNECTIONS, "pool" => name, "state" => "in_use")
+                .set((f64::from(pool.size()) - idle).max(0.0));
+        }
         if ticks.is_multiple_of(SLOW_EVERY) {
             match storage.pending_embeddings_total().await {
                 Ok(pending) => gauge!(EMBEDDINGS_PENDING).set(pending as f64),

@@ -72,6 +72,7 @@ impl Application {
             .await
             .context("configuring rate limits")?;
         let storage = Storage::new(storage::pool(&settings.database, &settings.search)?)
+            .with_read_replica(storage::replica_pool(&settings.database, &settings.search)?)
             .with_chain_hasher(ChainHasher::new(&settings.integrity));
         if settings.database.migrate_on_start {
             storage::MIGRATOR
@@ -212,6 +213,11 @@ impl Application {
             self.jobs.clone(),
             Duration::from_secs(5),
         ));
+        let replica_monitor = tokio::spawn(
+            self.storage
+                .clone()
+                .monitor_replica(self.settings.health_check_interval()),
+        );
         let supervisor = tokio::spawn(self.jobs.clone().supervise());
         let replay = self
             .outage_queue
@@ -311,6 +317,7 @@ impl Application {
         http.abort();
         pruning.abort();
         sampling.abort();
+        replica_monitor.abort();
         supervisor.abort();
         if let Some(replay) = replay {
             replay.abort();

@@ -4,7 +4,8 @@
 //!    RPC conventions, continuing the caller's W3C `traceparent`; the
 //!    grpc_server_* metrics; one log line whose level follows the status.
 //! 2. [`Gate`]: load shedding, authentication, the scope check, the
-//!    per-caller rate limit and the call's deadline. Health and reflection
+//!    per-caller rate limit, the call's deadline, and where its reads go
+//!    (`datastorage-read-from: primary`, see `storage::replica`). Health and reflection
 //!    skip shedding and authentication, so probes and grpcurl keep working.
 //!
 //! Refusals are [`CoreError`]s, rendered by the one mapping in `grpc::status`.
@@ -35,6 +36,7 @@ use crate::{
     error::CoreError,
     metrics::{GRPC_HANDLED, GRPC_HANDLING_SECONDS, GRPC_STARTED, RATE_LIMITED},
     ratelimit::{RateLimiter, RetryAfter},
+    storage::{read_from_primary, READ_FROM_HEADER},
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -124,12 +126,24 @@ impl Gate {
                 Err(error) => return Ok(refuse(error)),
             }
         }
-        match call_deadline(request.headers(), method, self.default_timeout) {
-            None => inner.call(request).await,
-            Some(limit) => match tokio::time::timeout(limit, inner.call(request)).await {
-                Ok(response) => response,
-                Err(_) => Ok(refuse(CoreError::DeadlineExceeded { after: limit })),
-            },
+        let deadline = call_deadline(request.headers(), method, self.default_timeout);
+        let primary_reads = request
+            .headers()
+            .get(READ_FROM_HEADER)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"primary"));
+        let call = async move {
+            match deadline {
+                None => inner.call(request).await,
+                Some(limit) => match tokio::time::timeout(limit, inner.call(request)).await {
+                    Ok(response) => response,
+                    Err(_) => Ok(refuse(CoreError::DeadlineExceeded { after: limit })),
+                },
+            }
+        };
+        if primary_reads {
+            read_from_primary(call).await
+        } else {
+            call.await
         }
     }
 }

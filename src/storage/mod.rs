@@ -5,6 +5,7 @@ mod incidents;
 mod integrity;
 mod jobs;
 mod queries;
+mod replica;
 mod search;
 
 use std::{
@@ -26,6 +27,7 @@ pub use integrity::{ChainEvent, StoredChain};
 pub use jobs::{EmbeddingTask, EventPosition, PolicyCutoff, RetentionCutoffs};
 /// The aggregation of GetActionStats, for the benchmark's plain-SQL side.
 pub use queries::ACTION_STATS_AGGREGATION;
+pub use replica::{read_from_primary, READ_FROM_HEADER};
 pub use search::{EventKey, Ranked, SearchScope, Strategy};
 
 use crate::{
@@ -55,6 +57,8 @@ pub struct ModelHandle {
 #[derive(Clone)]
 pub struct Storage {
     pool: PgPool,
+    /// Where IncidentQuery and VectorSearch read, when configured (see `replica`).
+    replica: Option<replica::ReadReplica>,
     /// Months whose partitions are known to exist, so the write path asks the
     /// database only the first time it meets a month.
     known_partitions: Arc<Mutex<HashSet<(i32, u32)>>>,
@@ -69,7 +73,34 @@ pub struct Storage {
 /// the HNSW search parameters, and no JIT (compiling a plan costs tens of
 /// milliseconds, more than any query this service runs should take).
 pub fn pool(settings: &DatabaseSettings, search: &SearchSettings) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(settings.url.expose_secret())?.options([
+    lazy_pool(
+        settings.url.expose_secret(),
+        settings,
+        search,
+        Duration::from_millis(settings.acquire_timeout_ms),
+    )
+}
+
+/// The read replica's pool, when `database.read_replica_url` is set. Its
+/// acquire timeout is short: a replica that does not answer quickly is
+/// skipped for the primary, not waited for.
+pub fn replica_pool(settings: &DatabaseSettings, search: &SearchSettings) -> anyhow::Result<Option<PgPool>> {
+    let Some(url) = &settings.read_replica_url else {
+        return Ok(None);
+    };
+    let timeout = Duration::from_millis(settings.acquire_timeout_ms.min(REPLICA_ACQUIRE_TIMEOUT_MS));
+    Ok(Some(lazy_pool(url.expose_secret(), settings, search, timeout)?))
+}
+
+const REPLICA_ACQUIRE_TIMEOUT_MS: u64 = 500;
+
+fn lazy_pool(
+    url: &str,
+    settings: &DatabaseSettings,
+    search: &SearchSettings,
+    acquire_timeout: Duration,
+) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)?.options([
         ("jit", "off".to_owned()),
         ("hnsw.ef_search", search.ef_search.to_string()),
         ("hnsw.iterative_scan", search.iterative_scan.as_sql().to_owned()),
@@ -77,7 +108,7 @@ pub fn pool(settings: &DatabaseSettings, search: &SearchSettings) -> anyhow::Res
     ]);
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
-        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .acquire_timeout(acquire_timeout)
         .connect_lazy_with(options))
 }
 
@@ -85,9 +116,16 @@ impl Storage {
     pub fn new(pool: PgPool) -> Self {
         Storage {
             pool,
+            replica: None,
             known_partitions: Arc::default(),
             chain: Arc::new(ChainHasher::unkeyed()),
         }
+    }
+
+    /// Reads of IncidentQuery and VectorSearch go to `replica` when it answers.
+    pub fn with_read_replica(mut self, replica: Option<PgPool>) -> Self {
+        self.replica = replica.map(replica::ReadReplica::new);
+        self
     }
 
     /// Links new events with `chain` (keyed, when a chain key is configured).

@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use chrono::{DateTime, Utc};
-use sqlx::{FromRow, Postgres, QueryBuilder};
+use sqlx::{FromRow, PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::Storage;
@@ -252,9 +252,9 @@ fn incident_listing(
 
 impl Storage {
     /// The snapshot a new listing pins: which transactions have committed.
-    async fn incident_snapshot(&self) -> Result<String, CoreError> {
+    async fn incident_snapshot(connection: &mut PgConnection) -> Result<String, CoreError> {
         sqlx::query_scalar("SELECT pg_current_snapshot()::text")
-            .fetch_one(&self.pool)
+            .fetch_one(connection)
             .await
             .map_err(CoreError::database)
     }
@@ -267,17 +267,19 @@ impl Storage {
         page_size: usize,
         position: Option<PagePosition>,
     ) -> Result<Page<Incident>, CoreError> {
+        // One connection for the snapshot and the page: both from the same server.
+        let mut connection = self.reader().await?;
         let position = match position {
             Some(position) => position,
             None => PagePosition {
-                snapshot: self.incident_snapshot().await?,
+                snapshot: Self::incident_snapshot(&mut connection).await?,
                 after: None,
             },
         };
         let limit = page_size as i64 + 1;
         let rows: Vec<ListedIncident> = incident_listing("", filter, order, limit, &position)
             .build_query_as()
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *connection)
             .await
             .map_err(CoreError::database)?;
         Ok(paginate(rows, page_size, position.snapshot, |row| {
@@ -306,7 +308,7 @@ impl Storage {
                 .map_err(CoreError::database)?;
         }
         let position = PagePosition {
-            snapshot: self.incident_snapshot().await?,
+            snapshot: Self::incident_snapshot(&mut tx).await?,
             after: None,
         };
         let lines: Vec<String> = incident_listing("EXPLAIN ", filter, order, 51, &position)
@@ -326,7 +328,7 @@ impl Storage {
         };
         let row: Option<IncidentRow> = qb
             .build_query_as()
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.reader().await?)
             .await
             .map_err(CoreError::database)?;
         row.map(Incident::from)
@@ -363,7 +365,7 @@ impl Storage {
             .push_bind(page_size as i64 + 1);
         let rows: Vec<EventRow> = qb
             .build_query_as()
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.reader().await?)
             .await
             .map_err(CoreError::database)?;
         if rows.is_empty() && after.is_none() {
@@ -428,7 +430,7 @@ impl Storage {
         type StatsRow = (String, i64, i64, i64, Option<f64>, Option<f64>, Option<f64>);
         let rows: Vec<StatsRow> = qb
             .build_query_as()
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.reader().await?)
             .await
             .map_err(CoreError::database)?;
         Ok(rows

@@ -129,7 +129,7 @@ impl Storage {
         )
         .bind(event_id)
         .bind(model.id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.reader().await?)
         .await
         .map_err(CoreError::database)?;
         Ok(row.map(|(vector, search_text)| {
@@ -151,7 +151,7 @@ impl Storage {
         push_filter(&mut qb, filter, "i.last_event_at");
         qb.push(" LIMIT ").push_bind(cap as i64).push(") AS matching");
         qb.build_query_scalar()
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *self.reader().await?)
             .await
             .map_err(CoreError::database)
     }
@@ -184,7 +184,7 @@ impl Storage {
         push_scope(&mut qb, scope);
         qb.push(" LIMIT ").push_bind(limit as i64);
         qb.build_query_as()
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.reader().await?)
             .await
             .map_err(CoreError::database)
     }
@@ -260,7 +260,7 @@ impl Storage {
         }
         let rows: Vec<RankedRow> = qb
             .build_query_as()
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.reader().await?)
             .await
             .map_err(CoreError::database)?;
         Ok(rows
@@ -289,7 +289,7 @@ impl Storage {
         qb.push(" ORDER BY ts_rank_cd(e.search_tsv, q) DESC, e.id LIMIT ")
             .push_bind(limit as i64);
         qb.build_query_as()
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.reader().await?)
             .await
             .map_err(CoreError::database)
     }

@@ -4,23 +4,39 @@ use tonic_health::pb::{health_check_response::ServingStatus, health_client::Heal
 
 use crate::helpers::*;
 
-/// A throwaway PostgreSQL cluster of its own, so this test can stop and
+/// A throwaway PostgreSQL cluster of its own, so a test can stop and
 /// restart the server without disturbing the tests that share the main one.
-struct PrivateCluster {
+pub struct PrivateCluster {
     dir: PathBuf,
     port: u16,
 }
 
 impl PrivateCluster {
-    fn start() -> Self {
+    fn unstarted() -> Self {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let dir = std::env::temp_dir().join(format!("ds-health-pg-{}", uuid::Uuid::new_v4().simple()));
-        let cluster = PrivateCluster { dir, port };
-        cluster.pg(&["start", cluster.dir.to_str().unwrap(), &port.to_string()]);
+        let dir = std::env::temp_dir().join(format!("ds-test-pg-{}", uuid::Uuid::new_v4().simple()));
+        PrivateCluster { dir, port }
+    }
+
+    pub fn start() -> Self {
+        let cluster = PrivateCluster::unstarted();
+        cluster.pg(&["start", cluster.dir.to_str().unwrap(), &cluster.port.to_string()]);
         cluster
+    }
+
+    /// A streaming replica of `primary` (pg_basebackup -R), running.
+    pub fn replica_of(primary: &PrivateCluster) -> Self {
+        let replica = PrivateCluster::unstarted();
+        replica.pg(&[
+            "replica",
+            &primary.port.to_string(),
+            replica.dir.to_str().unwrap(),
+            &replica.port.to_string(),
+        ]);
+        replica
     }
 
     fn pg(&self, args: &[&str]) {
@@ -32,15 +48,15 @@ impl PrivateCluster {
         assert!(status.success(), "scripts/pg.sh {args:?} failed");
     }
 
-    fn stop(&self) {
+    pub fn stop(&self) {
         self.pg(&["stop", self.dir.to_str().unwrap()]);
     }
 
-    fn restart(&self) {
+    pub fn restart(&self) {
         self.pg(&["start", self.dir.to_str().unwrap(), &self.port.to_string()]);
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("postgres://datastorage:datastorage@127.0.0.1:{}/datastorage", self.port)
     }
 }

@@ -15,4 +15,5 @@ mod metrics;
 mod outage;
 mod protection;
 mod reflection;
+mod replica;
 mod vector_search;

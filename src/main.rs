@@ -54,8 +54,9 @@ async fn main() -> anyhow::Result<ExitCode> {
             if let Err(error) = &served {
                 tracing::error!(error = format!("{error:#}"), "the server stopped");
             }
-            // Spans still buffered are exported before the process exits.
-            telemetry.shutdown();
+            // Spans still buffered are exported before the process exits. The
+            // export runs on this runtime, so wait for it off its worker threads.
+            tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
             served?;
         }
         Command::Migrate => {
@@ -64,7 +65,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             let pool = storage::pool(&settings.database, &settings.search)?;
             storage::MIGRATOR.run(&pool).await.context("running migrations")?;
             tracing::info!("migrations applied");
-            telemetry.shutdown();
+            tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
         }
         // A client of a running server: no server configuration, and no logs
         // mixed into its output.

@@ -60,7 +60,9 @@ pub fn otlp_configured() -> bool {
 pub fn init(format: LogFormat) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let mut resource = Resource::builder();
-    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|attributes| attributes.contains("service.name="));
+    if !named {
         resource = resource.with_service_name("datastorage");
     }
     let mut provider = SdkTracerProvider::builder().with_resource(resource.build());
@@ -121,9 +123,16 @@ where
                 innermost = Some(span.id());
             }
             if let Some(id) = innermost {
-                let otel = tracing::dispatcher::get_default(|dispatch| {
-                    tracing_opentelemetry::get_otel_context(&id, dispatch)
-                });
+                let otel = if ctx.lookup_current().is_some_and(|current| current.id() == id) {
+                    // The OpenTelemetry layer attached the span's context when it was entered.
+                    // Asking the dispatcher for it fails once any thread has set a scoped
+                    // default (`with_default`, `set_default`): inside an event, a nested
+                    // `get_default` then gets `Dispatch::none`.
+                    Some(opentelemetry::Context::current())
+                } else {
+                    // An event with an explicit parent that is not entered.
+                    tracing::dispatcher::get_default(|dispatch| tracing_opentelemetry::get_otel_context(&id, dispatch))
+                };
                 if let Some(otel) = otel {
                     let span = otel.span();
                     let context = span.span_context();
@@ -161,5 +170,77 @@ impl tracing::field::Visit for JsonVisitor<'_> {
     }
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
         self.0.insert(field.name().into(), format!("{value:?}").into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use super::*;
+
+    const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+    /// The log lines, as the fmt layer writes them.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_the_trace_and_span_ids_and_the_span_fields() {
+        let provider = SdkTracerProvider::builder().build();
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .fmt_fields(JsonFields::new())
+                    .event_format(JsonWithTraceIds)
+                    .with_writer(move || writer.clone()),
+            );
+        let remote = SpanContext::new(
+            TraceId::from_hex(TRACE_ID).unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("call", otel.name = "Service/Method", correlation_id = "corr-1");
+            span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote))
+                .unwrap();
+            span.in_scope(|| tracing::info!(attempt = 2, "written"));
+        });
+
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let line: Map<String, Value> = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(line.get("trace_id").and_then(Value::as_str), Some(TRACE_ID), "{line:?}");
+        let span_id = line.get("span_id").and_then(Value::as_str).expect("a span_id");
+        assert_eq!(span_id.len(), 16, "{span_id}");
+        assert!(span_id.bytes().all(|b| b.is_ascii_hexdigit()), "{span_id}");
+        assert_ne!(span_id, "00f067aa0ba902b7", "the span's own id, not the caller's");
+        assert_ne!(span_id, "0000000000000000");
+        assert_eq!(line["correlation_id"], "corr-1");
+        assert_eq!(line["message"], "written");
+        assert_eq!(line["attempt"], 2);
+        assert_eq!(line["level"], "INFO");
+        assert!(line.keys().all(|key| !key.starts_with("otel.")), "{line:?}");
     }
 }

@@ -295,18 +295,17 @@ where
             method: name,
             grpc_type,
             started: Instant::now(),
+            finished: false,
         };
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let response = inner.call(request).instrument(span).await?;
             let (parts, body) = response.into_parts();
-            let mut call = Some(call);
+            let mut call = call;
             if let Some(code) = grpc_status(&parts.headers) {
                 // Trailers-only response: the status is already final.
-                if let Some(call) = call.take() {
-                    call.finish(code);
-                }
+                call.finish(code);
             }
             Ok(http::Response::from_parts(parts, ObservedBody { inner: body, call }))
         })
@@ -359,17 +358,29 @@ fn grpc_status(headers: &HeaderMap) -> Option<Code> {
     Some(Code::from_i32(code))
 }
 
-/// One call from start to its final status.
+/// One call from start to its final status. A call dropped before it has
+/// one (the client went away) is recorded as CANCELLED.
 struct CallRecord {
     span: Span,
     service: &'static str,
     method: &'static str,
     grpc_type: &'static str,
     started: Instant,
+    finished: bool,
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        self.finish(Code::Cancelled);
+    }
 }
 
 impl CallRecord {
-    fn finish(self, code: Code) {
+    /// Records the call's outcome; only the first status counts.
+    fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         let elapsed = self.started.elapsed();
         let code_name = code_name(code);
         metrics::counter!(
@@ -448,15 +459,7 @@ pin_project_lite::pin_project! {
     pub struct ObservedBody {
         #[pin]
         inner: Body,
-        call: Option<CallRecord>,
-    }
-
-    impl PinnedDrop for ObservedBody {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(call) = this.project().call.take() {
-                call.finish(Code::Cancelled);
-            }
-        }
+        call: CallRecord,
     }
 }
 
@@ -475,9 +478,7 @@ impl HttpBody for ObservedBody {
             None => Some(Code::Ok),
         };
         if let Some(code) = finished {
-            if let Some(call) = this.call.take() {
-                call.finish(code);
-            }
+            this.call.finish(code);
         }
         Poll::Ready(frame)
     }

@@ -501,7 +501,20 @@ async fn sigterm_drains_in_flight_calls_and_reports_not_serving_before_exit() {
         .unwrap();
     let mut incidents = IncidentQueryClient::new(channel().await);
     let in_flight = tokio::spawn(async move { incidents.list_incidents(ListIncidentsRequest::default()).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut waiting = 0i64;
+    for _ in 0..400 {
+        waiting =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'")
+                .bind(&database)
+                .fetch_one(&mut admin)
+                .await
+                .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(waiting > 0, "the in-flight call reached the database");
 
     let terminated = Instant::now();
     let kill = Command::new("kill")

@@ -6,7 +6,7 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-async fn scrape(app: &TestApp) -> String {
+pub async fn scrape(app: &TestApp) -> String {
     let response = reqwest::get(format!("http://127.0.0.1:{}/metrics", app.http_port))
         .await
         .expect("/metrics answers");
@@ -17,7 +17,7 @@ async fn scrape(app: &TestApp) -> String {
 }
 
 /// The sum of every sample of `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Python virtualenv in <repo>/.cache/venv for tests/grpcurl_examples.py
-# (a reflection-only gRPC client: grpcio + grpcio-reflection + protobuf).
+# (a reflection-only gRPC client: grpcio + grpcio-reflection + protobuf) and
+# for scripts/chart-check (kubernetes-validate: Kubernetes' JSON schemas, with
+# jsonschema and PyYAML; dockerfile: the official BuildKit Dockerfile parser).
 # Idempotent: a stamp file records the pinned set; when it matches, nothing runs.
 set -euo pipefail
 
@@ -12,7 +14,17 @@ stamp="$venv/.datastorage-requirements"
 requirements="grpcio==1.85.1
 grpcio-reflection==1.85.1
 protobuf==7.36.2
-typing_extensions==4.16.0"
+typing_extensions==4.16.0
+kubernetes-validate==1.37.0
+jsonschema==4.26.0
+jsonschema-specifications==2025.9.1
+referencing==0.37.0
+rpds-py==2026.9.1
+attrs==26.1.0
+importlib_resources==7.1.0
+packaging==26.4
+PyYAML==6.0.4
+dockerfile==3.4.0"
 
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$requirements" ]; then
   exit 0
@@ -37,6 +49,6 @@ req_file="$(mktemp)"
 trap 'rm -f "$req_file"' EXIT
 echo "$requirements" >"$req_file"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --only-binary=:all: -r "$req_file"
-"$venv/bin/python" -c 'import grpc, grpc_reflection.v1alpha.reflection_pb2, google.protobuf' \
+"$venv/bin/python" -c 'import grpc, grpc_reflection.v1alpha.reflection_pb2, google.protobuf, kubernetes_validate, dockerfile' \
   || { echo "python-venv.sh: venv imports failed" >&2; exit 1; }
 echo "$requirements" >"$stamp"

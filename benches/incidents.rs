@@ -40,7 +40,7 @@ use datastorage::{
     grpc::render,
     proto::v1::{self as pb, audit_write_client::AuditWriteClient, incident_query_client::IncidentQueryClient},
     startup::Application,
-    storage::{self, Storage},
+    storage::{self, Storage, EVENT_COLUMNS, INCIDENT_COLUMNS},
 };
 use hdrhistogram::Histogram;
 use secrecy::SecretString;
@@ -715,15 +715,6 @@ impl Stmt {
         format!("EXECUTE {name}({});", self.args.join(", "))
     }
 }
-
-// queries.rs: INCIDENT_COLUMNS, EVENT_COLUMNS.
-const INCIDENT_COLUMNS: &str = "i.id, i.remediation_request_id, i.correlation_id, i.alert_name, i.severity, \
-    i.signal_type, i.namespace, i.cluster, i.target_kind, i.target_name, i.target_namespace, i.root_cause, \
-    i.action_type, i.phase, i.execution_status, i.first_seen_at, i.last_event_at, i.resolved_at, i.event_count, \
-    i.labels";
-const EVENT_COLUMNS: &str = "e.id, e.incident_id, e.occurred_at, e.correlation_id, \
-    e.remediation_request_id, e.namespace, e.cluster, e.labels, e.parent_event_id, e.payload, e.received_at, \
-    e.source, e.embedding_state, e.trace_id";
 
 // queries.rs: push_filter.
 fn push_filter(s: &mut Stmt, filter: &IncidentFilter, last_event_at: &str) {

@@ -25,8 +25,8 @@ use sqlx::{
 pub use audit::{EmbeddingDecision, PreparedWrite};
 pub use integrity::{ChainEvent, StoredChain};
 pub use jobs::{EmbeddingTask, EventPosition, PolicyCutoff, RetentionCutoffs};
-/// The aggregation of GetActionStats, for the benchmark's plain-SQL side.
-pub use queries::ACTION_STATS_AGGREGATION;
+/// What the read benchmark's plain-SQL side shares with the service's statements.
+pub use queries::{ACTION_STATS_AGGREGATION, EVENT_COLUMNS, INCIDENT_COLUMNS};
 pub use replica::{read_from_primary, READ_FROM_HEADER};
 pub use search::{EventKey, Ranked, SearchScope, Strategy};
 

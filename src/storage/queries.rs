@@ -16,14 +16,14 @@ use crate::{
     error::CoreError,
 };
 
-const INCIDENT_COLUMNS: &str = "i.id, i.remediation_request_id, i.correlation_id, i.alert_name, i.severity, \
+pub const INCIDENT_COLUMNS: &str = "i.id, i.remediation_request_id, i.correlation_id, i.alert_name, i.severity, \
     i.signal_type, i.namespace, i.cluster, i.target_kind, i.target_name, i.target_namespace, i.root_cause, \
     i.action_type, i.phase, i.execution_status, i.first_seen_at, i.last_event_at, i.resolved_at, i.event_count, \
     i.labels";
 
 /// The hold test is an uncorrelated IN, so PostgreSQL hashes the holds in
 /// force once per query instead of probing them per row.
-pub(super) const EVENT_COLUMNS: &str = "e.id, e.incident_id, e.occurred_at, e.correlation_id, \
+pub const EVENT_COLUMNS: &str = "e.id, e.incident_id, e.occurred_at, e.correlation_id, \
     e.remediation_request_id, e.namespace, e.cluster, e.labels, e.parent_event_id, e.payload, e.received_at, \
     e.source, e.embedding_state, e.trace_id, e.previous_event_hash, e.event_hash, \
     e.correlation_id IN (SELECT h.correlation_id FROM legal_holds h WHERE h.released_at IS NULL) AS legal_hold";

@@ -372,6 +372,14 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// Kubernetes gives every pod `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT…`
+/// variables for each Service in its namespace; a Service named
+/// `datastorage` makes them look like our settings. No setting is called
+/// `service` or `port` at the top level, so these names are never ours.
+fn is_kubernetes_service_link(key: &str) -> bool {
+    key.starts_with("service_") || key == "port" || key.starts_with("port_")
+}
+
 /// Settings serialise only to seed figment with the defaults, so the secret must
 /// survive; `Debug` (what logs would show) stays redacted by `SecretString`.
 pub(crate) fn serialize_secret<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
@@ -526,6 +534,7 @@ impl Settings {
                     !matches!(key.as_str(), "config" | "addr" | "token")
                         && !key.starts_with("test_")
                         && !key.starts_with("bench_")
+                        && !is_kubernetes_service_link(&key)
                 })
                 .split("__"),
         );
@@ -873,6 +882,23 @@ mod tests {
             jail.set_env("DATASTORAGE_DATABASE__URL", "mysql://nope");
             let error = Settings::load_for_migrations(None).unwrap_err().to_string();
             assert!(error.contains("database.url"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_not_mistaken_for_settings() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DATASTORAGE_AUTH__DISABLED", "true");
+            jail.set_env("DATASTORAGE_SERVICE_HOST", "10.0.0.12");
+            jail.set_env("DATASTORAGE_SERVICE_PORT_GRPC", "8080");
+            jail.set_env("DATASTORAGE_PORT", "tcp://10.0.0.12:8080");
+            jail.set_env("DATASTORAGE_PORT_8080_TCP_PROTO", "tcp");
+            jail.set_env("DATASTORAGE_EMBEDDING__PROVIDER", "openai");
+            jail.set_env("DATASTORAGE_EMBEDDING__OPENAI__BASE_URL", "http://127.0.0.1:9");
+            jail.set_env("DATASTORAGE_EMBEDDING__OPENAI__MODEL", "m");
+            jail.set_env("DATASTORAGE_EMBEDDING__OPENAI__DIMENSIONS", "8");
+            Settings::load(None).expect("service links are ignored");
             Ok(())
         });
     }

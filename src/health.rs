@@ -2,6 +2,11 @@
 //! current) and flips the gRPC health service and the HTTP `/readyz`
 //! endpoint together, back to SERVING by itself once the database serves
 //! again. Shutdown turns both off for good.
+//!
+//! With the outage queue, an unreachable PostgreSQL does not take the replica
+//! out of the load balancer while Redis can take writes: `""` and AuditWrite
+//! stay SERVING (writes are answered QUEUED), the read services turn
+//! NOT_SERVING, and `/readyz` says the replica is degraded.
 use std::{
     net::SocketAddr,
     sync::{
@@ -14,7 +19,10 @@ use std::{
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
-use crate::storage::{DatabaseState, Storage};
+use crate::{
+    outage::OutageQueue,
+    storage::{DatabaseState, Storage},
+};
 
 /// Fully-qualified names of the gRPC services this build serves.
 pub const SERVED_SERVICES: &[&str] = &[
@@ -29,6 +37,9 @@ const READY: u8 = 1;
 const UNREACHABLE: u8 = 2;
 const MIGRATIONS_PENDING: u8 = 3;
 const SHUTTING_DOWN: u8 = 4;
+const WRITES_QUEUED: u8 = 5;
+
+const AUDIT_WRITE: &str = "datastorage.v1.AuditWrite";
 
 #[derive(Clone)]
 pub struct Readiness(Arc<AtomicU8>);
@@ -41,7 +52,7 @@ impl Default for Readiness {
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == READY
+        matches!(self.0.load(Ordering::Relaxed), READY | WRITES_QUEUED)
     }
 
     /// Not ready from now on, whatever the database says.
@@ -49,11 +60,12 @@ impl Readiness {
         self.0.store(SHUTTING_DOWN, Ordering::Relaxed);
     }
 
-    fn record(&self, state: DatabaseState) -> bool {
+    fn record(&self, state: Serving) -> bool {
         let value = match state {
-            DatabaseState::Ready => READY,
-            DatabaseState::Unreachable => UNREACHABLE,
-            DatabaseState::MigrationsPending => MIGRATIONS_PENDING,
+            Serving::Ready => READY,
+            Serving::WritesQueued => WRITES_QUEUED,
+            Serving::Down(DatabaseState::MigrationsPending) => MIGRATIONS_PENDING,
+            Serving::Down(_) => UNREACHABLE,
         };
         self.0
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |current| {
@@ -68,6 +80,7 @@ impl Readiness {
             UNREACHABLE => "database unreachable\n",
             MIGRATIONS_PENDING => "database migrations pending\n",
             SHUTTING_DOWN => "shutting down\n",
+            WRITES_QUEUED => "degraded: database unreachable, writes go to the outage queue\n",
             _ => "starting\n",
         }
     }
@@ -80,29 +93,57 @@ pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Probes PostgreSQL every `interval` and reports transitions.
-pub async fn monitor(storage: Storage, reporter: HealthReporter, readiness: Readiness, interval: Duration) {
+/// What this replica can do, as the monitor last found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Serving {
+    Ready,
+    /// PostgreSQL is unreachable but the outage queue takes writes.
+    WritesQueued,
+    Down(DatabaseState),
+}
+
+/// Probes PostgreSQL (and, while it is unreachable, the outage queue) every
+/// `interval` and reports transitions.
+pub async fn monitor(
+    storage: Storage,
+    outage_queue: Option<std::sync::Arc<OutageQueue>>,
+    reporter: HealthReporter,
+    readiness: Readiness,
+    interval: Duration,
+) {
     let mut last = None;
     loop {
-        let state = storage.probe().await;
-        if last != Some(state) {
-            if !readiness.record(state) {
+        let serving = match storage.probe().await {
+            DatabaseState::Ready => Serving::Ready,
+            DatabaseState::Unreachable if outage_queue.as_ref().is_some_and(|q| q.accepts_writes()) => {
+                Serving::WritesQueued
+            }
+            down => Serving::Down(down),
+        };
+        if last != Some(serving) {
+            if !readiness.record(serving) {
                 return;
             }
-            match state {
-                DatabaseState::Ready => tracing::info!("PostgreSQL ready: SERVING"),
-                DatabaseState::Unreachable => tracing::warn!("PostgreSQL unreachable: NOT_SERVING"),
-                DatabaseState::MigrationsPending => {
+            match serving {
+                Serving::Ready => tracing::info!("PostgreSQL ready: SERVING"),
+                Serving::WritesQueued => {
+                    tracing::warn!("PostgreSQL unreachable: writes go to the outage queue; reads NOT_SERVING")
+                }
+                Serving::Down(DatabaseState::MigrationsPending) => {
                     tracing::warn!("database migrations pending (run `datastorage migrate`): NOT_SERVING")
                 }
+                Serving::Down(_) => tracing::warn!("PostgreSQL unreachable: NOT_SERVING"),
             }
-            let status = if state == DatabaseState::Ready {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            set_all(&reporter, status).await;
-            last = Some(state);
+            match serving {
+                Serving::Ready => set_all(&reporter, ServingStatus::Serving).await,
+                Serving::WritesQueued => {
+                    set_all(&reporter, ServingStatus::NotServing).await;
+                    reporter.set_service_status("", ServingStatus::Serving).await;
+                    reporter.set_service_status(AUDIT_WRITE, ServingStatus::Serving).await;
+                }
+                Serving::Down(_) => set_all(&reporter, ServingStatus::NotServing).await,
+            }
+            last = Some(serving);
         }
         tokio::time::sleep(interval).await;
     }

@@ -87,6 +87,11 @@ impl OutageQueue {
         Ok(queue)
     }
 
+    /// Whether a write could be queued now (Redis is connected).
+    pub fn accepts_writes(&self) -> bool {
+        self.client.is_connected()
+    }
+
     pub fn stream_key(&self) -> &str {
         &self.stream
     }

@@ -202,6 +202,7 @@ impl Application {
         let readiness = Readiness::default();
         let monitor = tokio::spawn(health::monitor(
             self.storage.clone(),
+            self.outage_queue.clone(),
             reporter.clone(),
             readiness.clone(),
             self.settings.health_check_interval(),

@@ -90,6 +90,20 @@ fn queue_settings(database_url: String, prefix: &str) -> Settings {
     settings
 }
 
+async fn health_of(
+    app: &crate::helpers::TestApp,
+    service: &str,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    tonic_health::pb::health_client::HealthClient::new(app.channel().await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
 #[tokio::test]
 async fn writes_during_a_postgres_outage_are_queued_and_applied_exactly_once() {
     let cluster = PrivatePostgres::start();
@@ -129,6 +143,19 @@ async fn writes_during_a_postgres_outage_are_queued_and_applied_exactly_once() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.stop();
     tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The queue keeps this replica in the load balancer for writes only.
+    use tonic_health::pb::health_check_response::ServingStatus;
+    assert_eq!(health_of(&app, "").await, ServingStatus::Serving);
+    assert_eq!(
+        health_of(&app, "datastorage.v1.AuditWrite").await,
+        ServingStatus::Serving
+    );
+    assert_eq!(
+        health_of(&app, "datastorage.v1.IncidentQuery").await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(health_of(&without_queue, "").await, ServingStatus::NotServing);
 
     let unqueued = without_queue
         .audit_client()

@@ -55,11 +55,13 @@ fn rate_of(settings: &RateLimitSettings, scope: Scope) -> RateSettings {
 /// Buckets kept in this process.
 pub struct LocalRateLimiter {
     buckets: HashMap<Scope, DefaultKeyedRateLimiter<String>>,
+    checks: std::sync::atomic::AtomicU64,
 }
 
-/// Callers seen before the idle ones are forgotten; a full bucket of an idle
-/// caller is the same as none.
-const FORGET_IDLE_ABOVE: usize = 10_000;
+/// Every this many checks, the buckets of idle callers are dropped (a full
+/// bucket is the same as none), so a stream of distinct subjects cannot
+/// grow memory without bound. Not on every check: that scans every shard.
+const FORGET_IDLE_EVERY: u64 = 4096;
 
 impl LocalRateLimiter {
     pub fn new(settings: &RateLimitSettings) -> Self {
@@ -72,13 +74,17 @@ impl LocalRateLimiter {
                 (scope, DefaultKeyedRateLimiter::keyed(quota))
             })
             .collect();
-        LocalRateLimiter { buckets }
+        LocalRateLimiter {
+            buckets,
+            checks: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     fn take(&self, caller: &str, scope: Scope) -> Result<(), RetryAfter> {
         let bucket = &self.buckets[&scope];
-        if bucket.len() > FORGET_IDLE_ABOVE {
-            bucket.retain_recent();
+        let checks = self.checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if (checks + 1).is_multiple_of(FORGET_IDLE_EVERY) {
+            self.buckets.values().for_each(|bucket| bucket.retain_recent());
         }
         bucket
             .check_key(&caller.to_owned())

@@ -48,7 +48,7 @@ use datastorage::{
     embedding::{local::LocalMiniLm, EmbeddingProvider},
     proto::v1::{self as pb, vector_search_client::VectorSearchClient},
     startup::Application,
-    storage::{self, ModelHandle, SearchScope, Storage, Strategy},
+    storage::{self, ModelHandle, SearchScope, Storage, Strategy, EVENT_COLUMNS},
 };
 use hdrhistogram::Histogram;
 use secrecy::SecretString;
@@ -755,11 +755,6 @@ async fn seed(
 // ---------------------------------------------------------------------------
 // The service's SQL, mirrored from src/storage/search.rs
 // ---------------------------------------------------------------------------
-
-/// src/storage/queries.rs EVENT_COLUMNS.
-const EVENT_COLUMNS: &str = "e.id, e.incident_id, e.occurred_at, e.correlation_id, \
-    e.remediation_request_id, e.namespace, e.cluster, e.labels, e.parent_event_id, e.payload, e.received_at, \
-    e.source, e.embedding_state, e.trace_id";
 
 #[derive(Clone)]
 enum Arg {

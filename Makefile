@@ -105,7 +105,7 @@ lint:
 #   BENCH_SEARCH_EVENTS (100000), BENCH_SEARCH_QUERIES distinct query texts
 #   (100), BENCH_ITERATIONS per scenario (200), BENCH_REUSE=1 as above;
 #   BENCH_SEARCH_EF_SEARCH and BENCH_SEARCH_ITERATIVE_SCAN try other HNSW
-#   settings than the service's defaults (100, relaxed_order).
+#   settings than the service's defaults (200, relaxed_order).
 # - jobs: embedding cache hit rate and WriteAudit p50/p99 (one client, 30%
 #   repeated texts) with no cache, L1 only, L1 + Redis L2, and a second replica
 #   served from L2; backfill and reembed events/s vs the local model called

@@ -141,39 +141,29 @@ async fn rate_limit_refusals_are_counted_per_scope() {
     );
 }
 
-#[tokio::test]
-async fn readyz_says_ready_once_the_schema_is_current() {
-    let app = spawn_app().await;
-    let mut ready = false;
+/// Polls `/readyz` until it answers `status`; returns the body then.
+async fn readyz_until(app: &TestApp, status: u16) -> String {
     for _ in 0..100 {
         let response = reqwest::get(format!("http://127.0.0.1:{}/readyz", app.http_port))
             .await
             .unwrap();
-        if response.status() == 200 {
-            assert_eq!(response.text().await.unwrap(), "ready\n");
-            ready = true;
-            break;
+        if response.status() == status {
+            return response.text().await.unwrap();
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert!(ready, "/readyz never became ready");
+    panic!("/readyz never answered {status}");
+}
+
+#[tokio::test]
+async fn readyz_says_ready_once_the_schema_is_current() {
+    let app = spawn_app().await;
+    assert_eq!(readyz_until(&app, 200).await, "ready\n");
 
     // A migration this build knows but the database lacks: not ready.
     sqlx::query("DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
         .execute(&app.db)
         .await
         .unwrap();
-    let mut behind = false;
-    for _ in 0..100 {
-        let response = reqwest::get(format!("http://127.0.0.1:{}/readyz", app.http_port))
-            .await
-            .unwrap();
-        if response.status() == 503 {
-            assert_eq!(response.text().await.unwrap(), "database migrations pending\n");
-            behind = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(behind, "/readyz must fail while migrations are pending");
+    assert_eq!(readyz_until(&app, 503).await, "database migrations pending\n");
 }

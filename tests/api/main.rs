@@ -2,6 +2,7 @@
 //! database in the project's PostgreSQL and talks gRPC to it.
 mod audit_write;
 mod auth;
+mod database_faults;
 mod embedding_cache;
 mod health;
 mod helpers;

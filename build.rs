@@ -36,6 +36,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // google.rpc.Status and the error details come from tonic-types, so the
         // Status in Job.error is the same type the error mapping produces.
         .extern_path(".google.rpc", "::tonic_types::pb")
+        // prost's codec, but undecodable requests are INVALID_ARGUMENT (src/grpc/codec.rs).
+        .codec_path("crate::grpc::codec::ProtoCodec")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

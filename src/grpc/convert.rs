@@ -102,10 +102,20 @@ fn timestamp(v: &mut Violations, field: &str, value: prost_types::Timestamp) -> 
     DateTime::from_timestamp(value.seconds, value.nanos as u32)
 }
 
+/// google.protobuf.Duration's range: ±10,000 years.
+const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+
 fn duration(v: &mut Violations, field: String, value: Option<prost_types::Duration>) -> Option<std::time::Duration> {
     let value = value?;
     if value.seconds < 0 || value.nanos < 0 || value.nanos >= 1_000_000_000 {
         v.add(field, "must be zero or positive");
+        return None;
+    }
+    if value.seconds > MAX_DURATION_SECONDS {
+        v.add(
+            field,
+            "must be within google.protobuf.Duration's range (315576000000 s)",
+        );
         return None;
     }
     Some(std::time::Duration::new(value.seconds as u64, value.nanos as u32))

@@ -301,7 +301,8 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let response = inner.call(request).instrument(span).await?;
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
+            size_limit_is_resource_exhausted(&mut parts.headers);
             let mut call = call;
             if let Some(code) = grpc_status(&parts.headers) {
                 // Trailers-only response: the status is already final.
@@ -350,6 +351,22 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// tonic answers a message over `grpc.max_message_bytes` with OUT_OF_RANGE;
+/// the gRPC status-code table (and this service's contract) says
+/// RESOURCE_EXHAUSTED. This service sends OUT_OF_RANGE for nothing else, and
+/// only tonic's size checks say "message length too large" (percent-encoded
+/// in `grpc-message`, as every status message is).
+fn size_limit_is_resource_exhausted(headers: &mut HeaderMap) {
+    let too_large = grpc_status(headers) == Some(Code::OutOfRange)
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+    if too_large {
+        headers.insert("grpc-status", http::HeaderValue::from(Code::ResourceExhausted as i32));
     }
 }
 
@@ -469,7 +486,14 @@ impl HttpBody for ObservedBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let mut frame = ready!(this.inner.poll_frame(cx));
+        if let Some(trailers) = frame
+            .as_mut()
+            .and_then(|f| f.as_mut().ok())
+            .and_then(Frame::trailers_mut)
+        {
+            size_limit_is_resource_exhausted(trailers);
+        }
         let finished = match &frame {
             Some(Ok(frame)) => frame
                 .trailers_ref()

@@ -2,6 +2,7 @@
 //! (`convert`), calls the core, and renders the result (`render`); nothing
 //! else lives here.
 pub mod audit_write;
+pub mod codec;
 pub mod convert;
 pub mod incident_query;
 pub mod job_status;

@@ -20,7 +20,16 @@ pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// Saturates at google.protobuf.Duration's range: a derived figure (a mean)
+/// must not wrap into a negative duration.
 fn duration(d: std::time::Duration) -> prost_types::Duration {
+    const MAX_SECONDS: u64 = 315_576_000_000;
+    if d.as_secs() > MAX_SECONDS {
+        return prost_types::Duration {
+            seconds: MAX_SECONDS as i64,
+            nanos: 0,
+        };
+    }
     prost_types::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,

@@ -6,6 +6,7 @@ mod database_faults;
 mod embedding_cache;
 mod health;
 mod helpers;
+mod hostile;
 mod incident_plans;
 mod incident_query;
 mod integrity;

@@ -8,7 +8,6 @@
 use std::{
     collections::{HashMap, HashSet},
     io::BufRead,
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -25,6 +24,12 @@ use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 use tokio::sync::watch;
 use tonic::{transport::Channel, Code};
 
+// The API tests' helpers, for the database URL, the model and a valid event.
+#[allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
+use helpers::{admin_url, model_dir, remediation_event};
+
 const WRITERS: usize = 4;
 const WRITES_PER_WRITER: usize = 60;
 const DIMENSIONS: usize = 384;
@@ -33,21 +38,10 @@ const LOAD_DEADLINE: Duration = Duration::from_secs(120);
 /// How long a kill may wait past its moment for a write to be in flight.
 const NUDGE: Duration = Duration::from_millis(200);
 
-fn admin_url() -> String {
-    std::env::var("DATASTORAGE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://datastorage:datastorage@127.0.0.1:55432/datastorage".into())
-}
-
 fn database_url(name: &str) -> String {
     let admin = admin_url();
     let (base, _) = admin.rsplit_once('/').expect("database URL has a path");
     format!("{base}/{name}")
-}
-
-fn model_dir() -> PathBuf {
-    std::env::var_os("DATASTORAGE_TEST_MODEL_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models/all-MiniLM-L6-v2"))
 }
 
 /// SplitMix64: a seeded schedule without a dependency.
@@ -183,33 +177,18 @@ fn plan(writer: usize, rng: &mut Rng, base: chrono::DateTime<chrono::Utc>) -> Ve
             let occurred_at = base + chrono::TimeDelta::seconds((writer * WRITES_PER_WRITER + n) as i64);
             // Half bring their own vector; the other half have the local model embed distinct text.
             let provided = (n % 2 == 0).then(|| rng.unit_vector());
-            let event = pb::AuditEvent {
-                correlation_id: format!("fault-corr-w{writer}"),
-                remediation_request_id: format!("fault-rr-w{writer}"),
-                occurred_at: Some(prost_types::Timestamp {
-                    seconds: occurred_at.timestamp(),
-                    nanos: 0,
-                }),
-                namespace: "payments".into(),
-                cluster: "prod-eu-1".into(),
-                labels: [("writer".to_owned(), writer.to_string())].into(),
-                parent_event_id: String::new(),
-                payload: Some(pb::audit_event::Payload::Remediation(pb::RemediationAudit {
-                    signal_type: "prometheus-alert".into(),
-                    signal_name: "HighMemoryUsage".into(),
-                    severity: pb::Severity::Critical as i32,
-                    target: Some(pb::ResourceRef {
-                        kind: "Deployment".into(),
-                        name: format!("api-{writer}"),
-                        namespace: "payments".into(),
-                    }),
-                    phase: pb::Phase::Processing as i32,
-                    message: format!("writer {writer} step {n}: container api-{writer} OOMKilled ({n} restarts)"),
-                    started_at: None,
-                    completed_at: None,
-                    priority: "P1".into(),
-                })),
-            };
+            let mut event = remediation_event(&format!("fault-rr-w{writer}"));
+            event.correlation_id = format!("fault-corr-w{writer}");
+            event.occurred_at = Some(prost_types::Timestamp {
+                seconds: occurred_at.timestamp(),
+                nanos: 0,
+            });
+            event.labels = [("writer".to_owned(), writer.to_string())].into();
+            if let Some(pb::audit_event::Payload::Remediation(remediation)) = &mut event.payload {
+                remediation.target.as_mut().expect("the helper sets a target").name = format!("api-{writer}");
+                remediation.message =
+                    format!("writer {writer} step {n}: container api-{writer} OOMKilled ({n} restarts)");
+            }
             Planned {
                 request: pb::WriteAuditRequest {
                     event: Some(event),

@@ -496,7 +496,9 @@ impl Default for Settings {
             },
             shutdown: ShutdownSettings {
                 drain_delay_ms: 5_000,
-                grace_period_ms: 20_000,
+                // With the drain delay and closing the pools, within Kubernetes'
+                // default 30 s terminationGracePeriodSeconds.
+                grace_period_ms: 15_000,
             },
             log: LogSettings {
                 format: LogFormat::Json,
@@ -760,14 +762,19 @@ impl Settings {
             );
         }
         if let Some(url) = &auth.jwks_url {
+            // Whoever can answer the JWKS request can mint tokens: plain HTTP
+            // only to this host.
+            let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+                .iter()
+                .any(|prefix| url.starts_with(prefix));
             ensure!(
-                url.starts_with("https://") || url.starts_with("http://"),
-                "auth.jwks_url must be an http(s) URL"
+                url.starts_with("https://") || loopback,
+                "auth.jwks_url must be an https:// URL (plain http:// only to a loopback address)"
             );
         }
         ensure!(
-            auth.jwks_min_refresh_secs <= auth.jwks_refresh_secs && auth.jwks_refresh_secs >= 1,
-            "auth.jwks_min_refresh_secs must not exceed auth.jwks_refresh_secs (at least 1)"
+            (1..=auth.jwks_refresh_secs).contains(&auth.jwks_min_refresh_secs),
+            "auth.jwks_min_refresh_secs must be at least 1 and at most auth.jwks_refresh_secs"
         );
         for (subject, scopes) in &auth.subject_scopes {
             for scope in scopes {

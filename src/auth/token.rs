@@ -131,6 +131,10 @@ impl JwtAuthenticator {
 
     async fn key_for(&self, kid: Option<&str>, algorithm: Algorithm) -> Result<VerificationKey, AuthError> {
         let mut candidates: Vec<VerificationKey> = self.static_keys.iter().filter(|k| k.serves(kid)).cloned().collect();
+        // A configured key that verifies this algorithm needs no JWKS (nor its availability).
+        if let Some(key) = candidates.iter().find(|k| k.algorithm == algorithm) {
+            return Ok(key.clone());
+        }
         if let (Some(jwks), Some(kid)) = (&self.jwks, kid) {
             if let Some(key) = jwks.key(kid).await? {
                 candidates.push(key);
@@ -187,6 +191,8 @@ struct JwksCache {
     refresh_every: Duration,
     min_refresh: Duration,
     state: RwLock<JwksState>,
+    /// One fetch at a time; the state lock is never held across one.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -210,36 +216,72 @@ impl JwksCache {
             refresh_every: Duration::from_secs(settings.jwks_refresh_secs),
             min_refresh: Duration::from_secs(settings.jwks_min_refresh_secs),
             state: RwLock::new(JwksState::default()),
+            refreshing: tokio::sync::Mutex::new(()),
         })
     }
 
+    /// The key for `kid`. A known key is answered from memory, also while a
+    /// refresh runs or the issuer is down; an unknown kid waits for a fetch
+    /// when one may run, else is unknown (or the keys unavailable, before any
+    /// fetch has succeeded).
     async fn key(&self, kid: &str) -> Result<Option<VerificationKey>, AuthError> {
-        {
+        let known = {
             let state = self.state.read().await;
-            let fresh = state.fetched_at.is_some_and(|at| at.elapsed() < self.refresh_every);
-            if let (true, Some(key)) = (fresh, state.keys.get(kid)) {
-                return Ok(Some(key.clone()));
+            match self.decide(&state, kid) {
+                Lookup::Answer(answer) => return answer,
+                Lookup::Refresh { known } => known,
             }
+        };
+        let _refreshing = match known {
+            // Stale but usable: refresh if nobody else is, else use it now.
+            Some(key) => match self.refreshing.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => return Ok(Some(key)),
+            },
+            None => self.refreshing.lock().await,
+        };
+        // Another caller may have refreshed while this one waited.
+        {
+            let mut state = self.state.write().await;
+            if let Lookup::Answer(answer) = self.decide(&state, kid) {
+                return answer;
+            }
+            state.attempted_at = Some(Instant::now());
         }
+        let fetched = self.fetch().await;
         let mut state = self.state.write().await;
+        match fetched {
+            Ok(keys) if !keys.is_empty() => {
+                tracing::info!(url = %self.url, keys = keys.len(), "fetched JWKS");
+                state.keys = keys;
+                state.fetched_at = Some(Instant::now());
+            }
+            // A set with no usable key would lock every caller out; the last
+            // good keys keep serving, as they do while the issuer is down.
+            Ok(_) => tracing::warn!(url = %self.url, "the JWKS holds no usable key; keeping the last good keys"),
+            Err(error) => tracing::warn!(url = %self.url, error = format!("{error:#}"), "JWKS fetch failed"),
+        }
+        match state.keys.get(kid) {
+            Some(key) => Ok(Some(key.clone())),
+            None if state.fetched_at.is_none() => Err(AuthError::KeysUnavailable(format!("no JWKS from {}", self.url))),
+            None => Ok(None),
+        }
+    }
+
+    fn decide(&self, state: &JwksState, kid: &str) -> Lookup {
         let stale = state.fetched_at.is_none_or(|at| at.elapsed() >= self.refresh_every);
         let may_fetch = state.attempted_at.is_none_or(|at| at.elapsed() >= self.min_refresh);
-        if (stale || !state.keys.contains_key(kid)) && may_fetch {
-            state.attempted_at = Some(Instant::now());
-            match self.fetch().await {
-                Ok(keys) => {
-                    tracing::info!(url = %self.url, keys = keys.len(), "fetched JWKS");
-                    state.keys = keys;
-                    state.fetched_at = Some(Instant::now());
-                }
-                Err(error) if state.fetched_at.is_none() => {
-                    return Err(AuthError::KeysUnavailable(format!("{error:#}")));
-                }
-                // Keys from the last good fetch keep serving until the issuer answers.
-                Err(error) => tracing::warn!(url = %self.url, error = format!("{error:#}"), "JWKS refresh failed"),
-            }
+        let known = state.keys.get(kid).cloned();
+        match (known, may_fetch) {
+            (Some(key), false) => Lookup::Answer(Ok(Some(key))),
+            (Some(key), true) if !stale => Lookup::Answer(Ok(Some(key))),
+            (known, true) => Lookup::Refresh { known },
+            (None, false) if state.fetched_at.is_none() => Lookup::Answer(Err(AuthError::KeysUnavailable(format!(
+                "no JWKS from {} yet",
+                self.url
+            )))),
+            (None, false) => Lookup::Answer(Ok(None)),
         }
-        Ok(state.keys.get(kid).cloned())
     }
 
     async fn fetch(&self) -> anyhow::Result<HashMap<String, VerificationKey>> {
@@ -279,6 +321,14 @@ impl JwksCache {
         }
         Ok(keys)
     }
+}
+
+enum Lookup {
+    Answer(Result<Option<VerificationKey>, AuthError>),
+    /// A fetch may run; `known` is the (stale) key to fall back on.
+    Refresh {
+        known: Option<VerificationKey>,
+    },
 }
 
 /// The algorithm a JWK verifies: its `alg`, else the usual one for its key

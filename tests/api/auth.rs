@@ -387,15 +387,17 @@ async fn a_rotated_jwks_key_is_picked_up_and_the_retired_kid_is_refused() {
     let (old_key, new_key) = (rsa_key("jwt-rsa-1.key"), rsa_key("jwt-rsa-2.key"));
     jwks.publish(&[("2026-old", &old_key)]);
     let url = jwks.start().await;
-    let app = spawn_app_with(with_jwks(url, 0), local_model()).await;
+    let app = spawn_app_with(with_jwks(url, 1), local_model()).await;
     let token = |kid: &str, key: &EncodingKey| signed(Algorithm::RS256, kid, key, &claims("gateway", "audit:write"));
 
     write_with(&app, Some(&token("2026-old", &old_key)), "rr-jwks-1")
         .await
         .expect("the published key verifies");
 
-    // The issuer rotates: only the new key is published now.
+    // The issuer rotates: only the new key is published now. (The JWKS may be
+    // fetched again one jwks_min_refresh_secs after the last fetch.)
     jwks.publish(&[("2026-new", &new_key)]);
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
     write_with(&app, Some(&token("2026-new", &new_key)), "rr-jwks-2")
         .await
         .expect("an unknown kid fetches the JWKS again and finds the new key");
@@ -446,7 +448,7 @@ async fn an_unreachable_jwks_is_unavailable_not_unauthenticated() {
         .unwrap()
         .port();
     let app = spawn_app_with(
-        with_jwks(format!("http://127.0.0.1:{closed_port}/openid/v1/jwks"), 0),
+        with_jwks(format!("http://127.0.0.1:{closed_port}/openid/v1/jwks"), 1),
         local_model(),
     )
     .await;
@@ -456,7 +458,9 @@ async fn an_unreachable_jwks_is_unavailable_not_unauthenticated() {
         &rsa_key("jwt-rsa-1.key"),
         &claims("gateway", "audit:write"),
     );
-    let status = write_with(&app, Some(&token), "rr-no-jwks").await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(status.get_details_retry_info().is_some());
+    for attempt in ["fetches and fails", "within the refresh floor, no fetch"] {
+        let status = write_with(&app, Some(&token), "rr-no-jwks").await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{attempt}: {status:?}");
+        assert!(status.get_details_retry_info().is_some());
+    }
 }

@@ -137,9 +137,16 @@ pub async fn monitor(
             match serving {
                 Serving::Ready => set_all(&reporter, ServingStatus::Serving).await,
                 Serving::WritesQueued => {
-                    set_all(&reporter, ServingStatus::NotServing).await;
+                    // Each service straight to its status: no moment where "" reads NOT_SERVING.
                     reporter.set_service_status("", ServingStatus::Serving).await;
-                    reporter.set_service_status(AUDIT_WRITE, ServingStatus::Serving).await;
+                    for service in SERVED_SERVICES {
+                        let status = if *service == AUDIT_WRITE {
+                            ServingStatus::Serving
+                        } else {
+                            ServingStatus::NotServing
+                        };
+                        reporter.set_service_status(*service, status).await;
+                    }
                 }
                 Serving::Down(_) => set_all(&reporter, ServingStatus::NotServing).await,
             }

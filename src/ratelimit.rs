@@ -145,8 +145,9 @@ impl RedisRateLimiter {
             .into_iter()
             .map(|scope| {
                 let rate = rate_of(settings, scope);
-                let interval = 1_000_000 / u64::from(rate.requests_per_second.max(1));
-                (scope, (interval.max(1), interval * u64::from(rate.burst.max(1))))
+                // At least 1 µs: faster rates than a million a second are not limited finer.
+                let interval = (1_000_000 / u64::from(rate.requests_per_second.max(1))).max(1);
+                (scope, (interval, interval * u64::from(rate.burst.max(1))))
             })
             .collect();
         Ok(RedisRateLimiter {

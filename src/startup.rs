@@ -200,7 +200,7 @@ impl Application {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         health::set_all(&reporter, ServingStatus::NotServing).await;
         let readiness = Readiness::default();
-        let monitor = tokio::spawn(health::monitor(
+        let mut monitor = tokio::spawn(health::monitor(
             self.storage.clone(),
             self.outage_queue.clone(),
             reporter.clone(),
@@ -287,6 +287,8 @@ impl Application {
                 let stopping = &self.settings.shutdown;
                 readiness.shut_down();
                 monitor.abort();
+                // Wait until it has stopped: one mid-update could set SERVING after this.
+                let _ = (&mut monitor).await;
                 health::set_all(&reporter, ServingStatus::NotServing).await;
                 let drain_delay = Duration::from_millis(stopping.drain_delay_ms);
                 tracing::info!(

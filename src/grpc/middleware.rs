@@ -106,13 +106,33 @@ impl Gate {
         Ok(principal)
     }
 
-    async fn admit<S>(self, mut request: http::Request<Body>, mut inner: S) -> Result<http::Response<Body>, S::Error>
+    async fn admit<S>(self, request: http::Request<Body>, inner: S) -> Result<http::Response<Body>, S::Error>
     where
         S: Service<http::Request<Body>, Response = http::Response<Body>>,
     {
         let Some(method) = policy::for_path(request.uri().path()) else {
             return Ok(Status::unimplemented("unknown method").into_http());
         };
+        // The deadline counts from arrival, as tonic's own timer does:
+        // authentication (a JWKS fetch) and the rate limit are inside it.
+        let Some(limit) = call_deadline(request.headers(), method, self.default_timeout) else {
+            return self.admitted(method, request, inner).await;
+        };
+        match tokio::time::timeout(limit, self.admitted(method, request, inner)).await {
+            Ok(response) => response,
+            Err(_) => Ok(refuse(CoreError::DeadlineExceeded { after: limit })),
+        }
+    }
+
+    async fn admitted<S>(
+        &self,
+        method: &'static MethodPolicy,
+        mut request: http::Request<Body>,
+        mut inner: S,
+    ) -> Result<http::Response<Body>, S::Error>
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    {
         let mut _call_slot = None;
         if let Access::Requires(scope) = method.access {
             match self.call_slots.clone().try_acquire_owned() {
@@ -126,24 +146,14 @@ impl Gate {
                 Err(error) => return Ok(refuse(error)),
             }
         }
-        let deadline = call_deadline(request.headers(), method, self.default_timeout);
         let primary_reads = request
             .headers()
             .get(READ_FROM_HEADER)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"primary"));
-        let call = async move {
-            match deadline {
-                None => inner.call(request).await,
-                Some(limit) => match tokio::time::timeout(limit, inner.call(request)).await {
-                    Ok(response) => response,
-                    Err(_) => Ok(refuse(CoreError::DeadlineExceeded { after: limit })),
-                },
-            }
-        };
         if primary_reads {
-            read_from_primary(call).await
+            read_from_primary(inner.call(request)).await
         } else {
-            call.await
+            inner.call(request).await
         }
     }
 }

@@ -267,8 +267,15 @@ impl Storage {
         page_size: usize,
         position: Option<PagePosition>,
     ) -> Result<Page<Incident>, CoreError> {
-        // One connection for the snapshot and the page: both from the same server.
-        let mut connection = self.reader().await?;
+        // One connection for the snapshot and the page: both from the same
+        // server. A later page reads the primary: a token's snapshot may come
+        // from the primary, and a lagging replica has not replayed all it
+        // counts as committed (a replica's snapshot, in turn, is one the
+        // primary has seen).
+        let mut connection = match position {
+            None => self.reader().await?,
+            Some(_) => self.primary_connection().await?,
+        };
         let position = match position {
             Some(position) => position,
             None => PagePosition {

@@ -50,6 +50,10 @@ impl ReadReplica {
         }
     }
 
+    fn is_saturated(&self) -> bool {
+        self.pool.size() >= self.pool.options().get_max_connections() && self.pool.num_idle() == 0
+    }
+
     fn set_reachable(&self, reachable: bool) {
         if self.reachable.swap(reachable, Ordering::Relaxed) != reachable {
             if reachable {
@@ -71,6 +75,9 @@ impl Storage {
             if replica.reachable.load(Ordering::Relaxed) && !primary_asked() {
                 match replica.pool.acquire().await {
                     Ok(connection) => return Ok(connection),
+                    // Every connection busy is load, not an outage: this read
+                    // goes to the primary, the replica stays in use.
+                    Err(sqlx::Error::PoolTimedOut) if replica.is_saturated() => {}
                     Err(error) => {
                         tracing::debug!(%error, "read replica connect failed");
                         replica.set_reachable(false);
@@ -78,6 +85,10 @@ impl Storage {
                 }
             }
         }
+        self.primary_connection().await
+    }
+
+    pub(super) async fn primary_connection(&self) -> Result<PoolConnection<Postgres>, CoreError> {
         self.pool.acquire().await.map_err(CoreError::database)
     }
 

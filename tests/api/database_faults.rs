@@ -3,29 +3,32 @@
 //! nothing, keeps reads working, and is written to again once it accepts
 //! writes.
 use datastorage::proto::v1 as pb;
-use sqlx::{AssertSqlSafe, Executor};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::helpers::*;
 
 /// Sets `default_transaction_read_only` for the app's database and ends its
-/// sessions, so every new connection the pool opens gets the setting.
+/// sessions, so every new connection the pool opens gets the setting. Done
+/// from the admin database: a session of the read-only one could not undo it.
 async fn set_read_only(app: &TestApp, read_only: bool) {
     let database: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&app.db)
         .await
         .unwrap();
+    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
     let value = if read_only { "on" } else { "off" };
     // The database name comes from the test's own fresh_database().
-    app.db
+    admin
         .execute(AssertSqlSafe(format!(
             r#"ALTER DATABASE "{database}" SET default_transaction_read_only = {value}"#
         )))
         .await
         .unwrap();
-    app.db
-        .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&database)
+        .execute(&mut admin)
         .await
         .unwrap();
 }

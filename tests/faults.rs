@@ -28,7 +28,7 @@ use tonic::{transport::Channel, Code};
 #[allow(dead_code)]
 #[path = "api/helpers.rs"]
 mod helpers;
-use helpers::{admin_url, model_dir, remediation_event};
+use helpers::{admin_url, model_dir, remediation_event, SplitMix};
 
 const WRITERS: usize = 4;
 const WRITES_PER_WRITER: usize = 60;
@@ -44,30 +44,18 @@ fn database_url(name: &str) -> String {
     format!("{base}/{name}")
 }
 
-/// SplitMix64: a seeded schedule without a dependency.
-struct Rng(u64);
+/// Uniform in `low..=high`.
+fn between(rng: &mut SplitMix, low: u64, high: u64) -> u64 {
+    low + rng.next() % (high - low + 1)
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `low..=high`.
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next() % (high - low + 1)
-    }
-
-    fn unit_vector(&mut self) -> Vec<f32> {
-        let raw: Vec<f32> = (0..DIMENSIONS)
-            .map(|_| (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
-            .collect();
-        let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt();
-        raw.into_iter().map(|x| x / norm).collect()
-    }
+/// A unit vector of the seeded sequence.
+fn unit_vector(rng: &mut SplitMix) -> Vec<f32> {
+    let raw: Vec<f32> = (0..DIMENSIONS)
+        .map(|_| (rng.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        .collect();
+    let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt();
+    raw.into_iter().map(|x| x / norm).collect()
 }
 
 /// One `datastorage serve` process; SIGKILLed if the test ends early.
@@ -171,12 +159,12 @@ struct Planned {
     provided: Option<Vec<f32>>,
 }
 
-fn plan(writer: usize, rng: &mut Rng, base: chrono::DateTime<chrono::Utc>) -> Vec<Planned> {
+fn plan(writer: usize, rng: &mut SplitMix, base: chrono::DateTime<chrono::Utc>) -> Vec<Planned> {
     (0..WRITES_PER_WRITER)
         .map(|n| {
             let occurred_at = base + chrono::TimeDelta::seconds((writer * WRITES_PER_WRITER + n) as i64);
             // Half bring their own vector; the other half have the local model embed distinct text.
-            let provided = (n % 2 == 0).then(|| rng.unit_vector());
+            let provided = (n % 2 == 0).then(|| unit_vector(rng));
             let mut event = remediation_event(&format!("fault-rr-w{writer}"));
             event.correlation_id = format!("fault-corr-w{writer}");
             event.occurred_at = Some(prost_types::Timestamp {
@@ -231,7 +219,7 @@ struct Pace {
 /// Sends each planned write, in order, until it is answered OK, following the
 /// server to whatever address it restarts on.
 async fn writer(
-    mut rng: Rng,
+    mut rng: SplitMix,
     pace: Pace,
     plans: Vec<Planned>,
     mut address: watch::Receiver<String>,
@@ -239,7 +227,7 @@ async fn writer(
 ) -> Acknowledged {
     let mut client: Option<(String, AuditWriteClient<Channel>)> = None;
     let mut acknowledged = Vec::with_capacity(plans.len());
-    let offset = pace.interval.mul_f64(rng.between(0, 100) as f64 / 100.0);
+    let offset = pace.interval.mul_f64(between(&mut rng, 0, 100) as f64 / 100.0);
     for (n, planned) in plans.into_iter().enumerate() {
         let downtime = Duration::from_millis(stats.downtime_ms.load(Ordering::SeqCst));
         tokio::time::sleep_until((pace.start + offset + downtime + pace.interval * n as u32).into()).await;
@@ -335,14 +323,14 @@ async fn crash_under_load(database: String) {
         .ok()
         .map(|s| s.parse::<u64>().expect("DATASTORAGE_TEST_FAULT_SEED is a number"))
         .unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0);
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix(seed);
     let started = Instant::now();
     let base = chrono::Utc::now() - chrono::TimeDelta::hours(1);
     let plans: Vec<Vec<Planned>> = (0..WRITERS).map(|w| plan(w, &mut rng, base)).collect();
 
     // The kill schedule, drawn up front so that the writers' pace can cover it.
-    let kill_after: Vec<Duration> = (0..rng.between(3, 5))
-        .map(|_| Duration::from_millis(rng.between(200, 900)))
+    let kill_after: Vec<Duration> = (0..between(&mut rng, 3, 5))
+        .map(|_| Duration::from_millis(between(&mut rng, 200, 900)))
         .collect();
     let uptime: Duration = kill_after.iter().sum::<Duration>() + NUDGE * kill_after.len() as u32;
     let mut server = Served::start(&database, false).await;
@@ -357,7 +345,7 @@ async fn crash_under_load(database: String) {
         .iter()
         .enumerate()
         .map(|(w, planned)| {
-            let writer_rng = Rng(seed ^ (w as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+            let writer_rng = SplitMix(seed ^ (w as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
             tokio::spawn(writer(
                 writer_rng,
                 pace,

@@ -21,6 +21,7 @@ pub struct Settings {
     pub embedding: EmbeddingSettings,
     pub query: QuerySettings,
     pub search: SearchSettings,
+    pub vector_index: VectorIndexSettings,
     pub redis: RedisSettings,
     pub jobs: JobSettings,
     pub integrity: IntegritySettings,
@@ -293,6 +294,23 @@ pub struct RedisSettings {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct VectorIndexSettings {
+    /// New embeddings wait in the unindexed fresh segment, searched exactly,
+    /// and the indexer moves them into the HNSW index in batches: ingest is
+    /// no longer capped by HNSW inserts (docs/performance.md). False: each
+    /// write inserts into the HNSW index in its own transaction.
+    pub deferred: bool,
+    /// Run the indexer in this replica. Every replica may: they share the
+    /// work. Off, fresh embeddings wait for a replica that runs it.
+    pub indexer: bool,
+    /// Embeddings the indexer moves per transaction.
+    pub batch_size: u32,
+    /// How long the indexer sleeps when the fresh segment is empty.
+    pub idle_poll_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct JobSettings {
     /// Events a job processes per batch (and per progress update).
     pub batch_size: u32,
@@ -444,6 +462,12 @@ impl Default for Settings {
                 exact_scan_threshold: 2_000,
                 rrf_k: 60,
                 hybrid_candidates: 100,
+            },
+            vector_index: VectorIndexSettings {
+                deferred: true,
+                indexer: true,
+                batch_size: 500,
+                idle_poll_ms: 100,
             },
             redis: RedisSettings {
                 url: None,
@@ -632,6 +656,14 @@ impl Settings {
         ensure!(
             self.redis.embedding_cache_ttl_secs >= 1,
             "redis.embedding_cache_ttl_secs must be positive"
+        );
+        ensure!(
+            (1..=10_000).contains(&self.vector_index.batch_size),
+            "vector_index.batch_size must be within 1..=10000"
+        );
+        ensure!(
+            self.vector_index.idle_poll_ms >= 1,
+            "vector_index.idle_poll_ms must be at least 1"
         );
         ensure!(
             (1..=10_000).contains(&self.jobs.batch_size),

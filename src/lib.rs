@@ -29,6 +29,7 @@ pub mod embedding;
 pub mod error;
 pub mod grpc;
 pub mod health;
+pub mod indexer;
 pub mod integrity;
 pub mod jobs;
 pub mod metrics;

@@ -26,6 +26,8 @@ pub const RATE_LIMITED: &str = "datastorage_rate_limited_total";
 pub const DB_POOL_CONNECTIONS: &str = "datastorage_db_pool_connections";
 pub const EMBEDDINGS_PENDING: &str = "datastorage_embeddings_pending";
 pub const JOBS: &str = "datastorage_jobs";
+pub const VECTOR_INDEX_MOVED: &str = "datastorage_vector_index_moved_total";
+pub const VECTOR_INDEX_LAG_SECONDS: &str = "datastorage_vector_index_lag_seconds";
 
 /// Latency buckets from 0.5 ms to 30 s: the service's calls span both ends.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -78,6 +80,14 @@ fn describe() {
     );
     describe_gauge!(EMBEDDINGS_PENDING, "Events waiting for the backfill to embed them.");
     describe_gauge!(JOBS, "Jobs by state, among the newest 1000.");
+    describe_counter!(
+        VECTOR_INDEX_MOVED,
+        "Embeddings the indexer moved from the fresh segment into the HNSW index."
+    );
+    describe_gauge!(
+        VECTOR_INDEX_LAG_SECONDS,
+        "How long the oldest fresh embedding has waited for the HNSW index (0: none waiting)."
+    );
 }
 
 /// Renders the registry as Prometheus text.
@@ -106,6 +116,10 @@ pub async fn sample_state(storage: Storage, jobs: std::sync::Arc<JobService>, ti
             match storage.pending_embeddings_total().await {
                 Ok(pending) => gauge!(EMBEDDINGS_PENDING).set(pending as f64),
                 Err(error) => tracing::debug!(%error, "sampling pending embeddings failed"),
+            }
+            match storage.fresh_embeddings_lag().await {
+                Ok(lag) => gauge!(VECTOR_INDEX_LAG_SECONDS).set(lag.map_or(0.0, |lag| lag.as_secs_f64())),
+                Err(error) => tracing::debug!(%error, "sampling the vector index lag failed"),
             }
             match jobs.list(&JobListFilter::default(), None, JOBS_SAMPLED).await {
                 Ok(listed) => {

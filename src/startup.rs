@@ -73,7 +73,8 @@ impl Application {
             .context("configuring rate limits")?;
         let storage = Storage::new(storage::pool(&settings.database, &settings.search)?)
             .with_read_replica(storage::replica_pool(&settings.database, &settings.search)?)
-            .with_chain_hasher(ChainHasher::new(&settings.integrity));
+            .with_chain_hasher(ChainHasher::new(&settings.integrity))
+            .with_deferred_indexing(settings.vector_index.deferred);
         if settings.database.migrate_on_start {
             storage::MIGRATOR
                 .run(storage.pool())
@@ -220,6 +221,14 @@ impl Application {
                 .monitor_replica(self.settings.health_check_interval()),
         );
         let supervisor = tokio::spawn(self.jobs.clone().supervise());
+        // Runs even with deferred indexing off: it drains what an earlier
+        // configuration left in the fresh segment.
+        let indexer = self.settings.vector_index.indexer.then(|| {
+            tokio::spawn(crate::indexer::run(
+                self.storage.clone(),
+                self.settings.vector_index.clone(),
+            ))
+        });
         let replay = self
             .outage_queue
             .clone()
@@ -322,6 +331,9 @@ impl Application {
         sampling.abort();
         replica_monitor.abort();
         supervisor.abort();
+        if let Some(indexer) = indexer {
+            indexer.abort();
+        }
         if let Some(replay) = replay {
             replay.abort();
         }

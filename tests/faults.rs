@@ -423,7 +423,7 @@ async fn crash_under_load(database: String) {
     let mut db = PgConnection::connect(&database_url(&database)).await.unwrap();
     let events: Vec<StoredEvent> = sqlx::query_as(
         "SELECT e.id, e.correlation_id, e.embedding_state, \
-         EXISTS (SELECT 1 FROM audit_embeddings x WHERE x.event_id = e.id AND x.occurred_at = e.occurred_at) AS embedded, \
+         EXISTS (SELECT 1 FROM stored_embeddings x WHERE x.event_id = e.id AND x.occurred_at = e.occurred_at) AS embedded, \
          EXISTS (SELECT 1 FROM pending_embeddings p WHERE p.event_id = e.id) AS pending \
          FROM audit_events e",
     )
@@ -508,7 +508,7 @@ async fn crash_under_load(database: String) {
         by_state[event.embedding_state as usize] += 1;
     }
     let stored: HashMap<uuid::Uuid, pgvector::Vector> =
-        sqlx::query_as::<_, (uuid::Uuid, pgvector::Vector)>("SELECT event_id, embedding FROM audit_embeddings")
+        sqlx::query_as::<_, (uuid::Uuid, pgvector::Vector)>("SELECT event_id, embedding FROM stored_embeddings")
             .fetch_all(&mut db)
             .await
             .unwrap()

@@ -185,7 +185,7 @@ impl Storage {
                 &mut tx,
                 source,
                 model,
-                &self.chain,
+                self,
                 &mut chains,
                 &writes[index],
                 &receipts[index],
@@ -370,14 +370,14 @@ async fn insert_event(
     tx: &mut Transaction<'_, Postgres>,
     source: &str,
     model: &ModelHandle,
-    hasher: &ChainHasher,
+    storage: &Storage,
     chains: &mut ChainHeads,
     write: &PreparedWrite,
     receipt: &WriteReceipt,
 ) -> Result<(), TxFailure> {
     let event = &write.event;
     let record = chain_record(source, write)?;
-    let (seq, previous, link) = chains.append(hasher, &record);
+    let (seq, previous, link) = chains.append(&storage.chain, &record);
     let labels = serde_json::to_value(&record.labels).map_err(|e| TxFailure::Fail(CoreError::Internal(e.into())))?;
     let execution = match &event.payload {
         Payload::Execution(execution) => Some(execution),
@@ -420,15 +420,13 @@ async fn insert_event(
 
     match &write.embedding {
         EmbeddingDecision::Vector { values, .. } => {
-            sqlx::query(
-                "INSERT INTO audit_embeddings (event_id, occurred_at, model_id, embedding) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(receipt.event_id)
-            .bind(event.occurred_at)
-            .bind(model.id)
-            .bind(pgvector::Vector::from(values.clone()))
-            .execute(&mut **tx)
-            .await?;
+            sqlx::query(storage.embedding_insert())
+                .bind(receipt.event_id)
+                .bind(event.occurred_at)
+                .bind(model.id)
+                .bind(pgvector::Vector::from(values.clone()))
+                .execute(&mut **tx)
+                .await?;
             // Written with a model that is no longer the active one (a reembed
             // just switched): the backfill embeds it with the active one too.
             sqlx::query(

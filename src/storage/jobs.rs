@@ -71,7 +71,7 @@ impl Storage {
     ) -> Result<Vec<EmbeddingTask>, CoreError> {
         let mut qb = QueryBuilder::new(
             "SELECT e.id, e.occurred_at, e.search_text FROM audit_events e WHERE e.search_text IS NOT NULL \
-             AND NOT EXISTS (SELECT 1 FROM audit_embeddings emb \
+             AND NOT EXISTS (SELECT 1 FROM stored_embeddings emb \
                              WHERE emb.event_id = e.id AND emb.occurred_at = e.occurred_at AND emb.model_id = ",
         );
         qb.push_bind(model.id).push(")");
@@ -94,7 +94,7 @@ impl Storage {
     pub async fn events_missing_embedding_count(&self, model: &ModelHandle) -> Result<i64, CoreError> {
         sqlx::query_scalar(
             "SELECT count(*) FROM audit_events e WHERE e.search_text IS NOT NULL \
-               AND NOT EXISTS (SELECT 1 FROM audit_embeddings emb \
+               AND NOT EXISTS (SELECT 1 FROM stored_embeddings emb \
                                WHERE emb.event_id = e.id AND emb.occurred_at = e.occurred_at AND emb.model_id = $1)",
         )
         .bind(model.id)
@@ -326,8 +326,8 @@ impl Storage {
         };
         let (ids, ats): (Vec<Uuid>, Vec<DateTime<Utc>>) =
             scanned.into_iter().filter(|s| s.2).map(|(id, at, _)| (id, at)).unzip();
-        for table in ["audit_embeddings", "pending_embeddings"] {
-            // The table name is one of two constants.
+        for table in ["audit_embeddings", "fresh_embeddings", "pending_embeddings"] {
+            // The table name is one of these constants.
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM {table} x USING unnest($1::uuid[], $2::timestamptz[]) AS t(id, at) \
                  WHERE x.event_id = t.id AND x.occurred_at = t.at"

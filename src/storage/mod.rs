@@ -7,6 +7,7 @@ mod jobs;
 mod queries;
 mod replica;
 mod search;
+mod vector_index;
 
 use std::{
     collections::HashSet,
@@ -64,6 +65,9 @@ pub struct Storage {
     known_partitions: Arc<Mutex<HashSet<(i32, u32)>>>,
     /// Links each written event into its correlation id's chain.
     chain: Arc<ChainHasher>,
+    /// New embeddings go to the fresh segment, not straight into the HNSW
+    /// index (`vector_index.deferred`).
+    deferred_indexing: bool,
 }
 
 /// A pool that connects lazily: the server starts, and reports NOT_SERVING,
@@ -119,7 +123,15 @@ impl Storage {
             replica: None,
             known_partitions: Arc::default(),
             chain: Arc::new(ChainHasher::unkeyed()),
+            deferred_indexing: true,
         }
+    }
+
+    /// Whether new embeddings wait in the fresh segment for the indexer
+    /// (true) or enter the HNSW index in the writing transaction.
+    pub fn with_deferred_indexing(mut self, deferred: bool) -> Self {
+        self.deferred_indexing = deferred;
+        self
     }
 
     /// Reads of IncidentQuery and VectorSearch go to `replica` when it answers.

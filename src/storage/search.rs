@@ -58,7 +58,8 @@ pub type EventKey = (Uuid, DateTime<Utc>);
 /// How `nearest` finds the nearest events.
 #[derive(Debug, Clone, Copy)]
 pub enum Strategy<'a> {
-    /// Walk the model's HNSW index with the filters applied inside the scan.
+    /// Walk the model's HNSW index with the filters applied inside the scan,
+    /// and compare the fresh rows (not in the index yet) exactly.
     Index,
     /// Compare these events (the whole scope, known to be small) exactly.
     Candidates(&'a [EventKey]),
@@ -123,7 +124,7 @@ impl Storage {
     ) -> Result<Option<Option<EventEmbedding>>, CoreError> {
         let row: Option<(Option<pgvector::Vector>, Option<String>)> = sqlx::query_as(
             "SELECT emb.embedding, e.search_text FROM audit_events e \
-             LEFT JOIN audit_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
+             LEFT JOIN stored_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
                   AND emb.model_id = $2 \
              WHERE e.id = $1",
         )
@@ -177,7 +178,7 @@ impl Storage {
         };
         let mut qb = QueryBuilder::new(format!(
             "SELECT e.id, e.occurred_at FROM {events} \
-             JOIN audit_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
+             JOIN stored_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
                   AND emb.model_id = {} WHERE true",
             model.id
         ));
@@ -215,7 +216,7 @@ impl Storage {
                 qb.push(format_args!("SELECT {EVENT_COLUMNS}, emb.embedding <=> "))
                     .push_bind(vector)
                     .push(format_args!(
-                        " AS distance FROM audit_embeddings emb \
+                        " AS distance FROM stored_embeddings emb \
                          JOIN audit_events e ON e.id = emb.event_id{} \
                          WHERE emb.model_id = {id}",
                         incident_join(scope)
@@ -234,15 +235,17 @@ impl Storage {
                     .push(format_args!(
                         "::timestamptz[]) AS k(id, occurred_at) \
                      JOIN audit_events e ON e.id = k.id AND e.occurred_at = k.occurred_at \
-                     JOIN audit_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
+                     JOIN stored_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
                           AND emb.model_id = {id} \
                      ORDER BY distance, e.id LIMIT "
                     ))
                     .push_bind(limit as i64);
             }
             Strategy::Index => {
+                // The indexed rows through the HNSW index, and the fresh rows
+                // (not indexed yet) compared exactly; the caller merges them.
                 qb.push(format_args!(
-                    "SELECT {EVENT_COLUMNS}, emb.embedding::vector({dims}) <=> "
+                    "(SELECT {EVENT_COLUMNS}, emb.embedding::vector({dims}) <=> "
                 ))
                 .push_bind(vector.clone())
                 .push(format_args!(
@@ -253,9 +256,21 @@ impl Storage {
                 ));
                 push_scope(&mut qb, scope);
                 qb.push(format_args!(" ORDER BY emb.embedding::vector({dims}) <=> "))
-                    .push_bind(vector)
+                    .push_bind(vector.clone())
                     .push(format_args!("::vector({dims}) LIMIT "))
                     .push_bind(limit as i64);
+                qb.push(format_args!(") UNION ALL (SELECT {EVENT_COLUMNS}, emb.embedding <=> "))
+                    .push_bind(vector)
+                    .push(format_args!(
+                        " AS distance FROM fresh_embeddings emb \
+                         JOIN audit_events e ON e.id = emb.event_id{} \
+                         WHERE emb.model_id = {id}",
+                        incident_join(scope)
+                    ));
+                push_scope(&mut qb, scope);
+                qb.push(" ORDER BY distance, e.id LIMIT ")
+                    .push_bind(limit as i64)
+                    .push(")");
             }
         }
         let rows: Vec<RankedRow> = qb

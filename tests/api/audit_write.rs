@@ -111,7 +111,7 @@ async fn a_valid_event_of_each_kind_is_stored_with_its_incident_and_embedding() 
     assert_eq!(incident_ids.len(), 1, "one remediation request, one incident");
 
     assert_eq!(app.count("audit_events").await, 6);
-    assert_eq!(app.count("audit_embeddings").await, 5);
+    assert_eq!(app.count("stored_embeddings").await, 5);
     assert_eq!(app.count("pending_embeddings").await, 0);
     let (event_count, alert, root_cause, action, execution_status): (i64, String, String, String, i16) =
         sqlx::query_as(
@@ -126,7 +126,7 @@ async fn a_valid_event_of_each_kind_is_stored_with_its_incident_and_embedding() 
     assert!(root_cause.starts_with("memory leak"));
     assert_eq!(action, "restart_pod");
     assert_eq!(execution_status, pb::ExecutionStatus::Succeeded as i16);
-    let dims: i32 = sqlx::query_scalar("SELECT vector_dims(embedding) FROM audit_embeddings LIMIT 1")
+    let dims: i32 = sqlx::query_scalar("SELECT vector_dims(embedding) FROM stored_embeddings LIMIT 1")
         .fetch_one(&app.db)
         .await
         .unwrap();
@@ -583,7 +583,7 @@ async fn repeated_texts_come_from_the_cache() {
         .into_inner();
     assert_eq!(first.embedding_state(), pb::EmbeddingState::Generated);
     assert_eq!(second.embedding_state(), pb::EmbeddingState::Cached);
-    let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT embedding::text) FROM audit_embeddings")
+    let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT embedding::text) FROM stored_embeddings")
         .fetch_one(&app.db)
         .await
         .unwrap();
@@ -662,7 +662,7 @@ async fn a_failing_embedding_insert_leaves_no_event_incident_or_key() {
     sqlx::raw_sql(
         "CREATE FUNCTION refuse_embeddings() RETURNS trigger LANGUAGE plpgsql AS $$ \
          BEGIN RAISE EXCEPTION 'embedding insert refused by test'; END $$; \
-         CREATE TRIGGER refuse_embeddings BEFORE INSERT ON audit_embeddings \
+         CREATE TRIGGER refuse_embeddings BEFORE INSERT ON fresh_embeddings \
          FOR EACH ROW EXECUTE FUNCTION refuse_embeddings();",
     )
     .execute(&app.db)
@@ -696,7 +696,7 @@ async fn a_failing_embedding_insert_leaves_no_event_incident_or_key() {
         "audit_events",
         "incidents",
         "idempotency_keys",
-        "audit_embeddings",
+        "stored_embeddings",
         "pending_embeddings",
     ] {
         assert_eq!(app.count(table).await, 0, "{table} is empty");
@@ -741,7 +741,7 @@ async fn defer_policy_stores_the_event_with_a_pending_marker() {
     assert_eq!(reply.embedding_state(), pb::EmbeddingState::Deferred);
     assert_eq!(app.count("audit_events").await, 1);
     assert_eq!(app.count("incidents").await, 1);
-    assert_eq!(app.count("audit_embeddings").await, 0);
+    assert_eq!(app.count("stored_embeddings").await, 0);
     let (pending_event, state): (uuid::Uuid, i16) = sqlx::query_as(
         "SELECT p.event_id, e.embedding_state FROM pending_embeddings p JOIN audit_events e ON e.id = p.event_id",
     )
@@ -781,7 +781,7 @@ async fn reject_policy_writes_nothing_and_answers_unavailable() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    for table in ["audit_events", "incidents", "pending_embeddings", "audit_embeddings"] {
+    for table in ["audit_events", "incidents", "pending_embeddings", "stored_embeddings"] {
         assert_eq!(app.count(table).await, 0, "{table} is empty");
     }
 }

@@ -172,7 +172,7 @@ async fn backfill_embeds_deferred_events_and_watch_streams_its_progress() {
     );
 
     assert_eq!(app.count("pending_embeddings").await, 0);
-    assert_eq!(app.count("audit_embeddings").await, 7);
+    assert_eq!(app.count("stored_embeddings").await, 7);
     assert_eq!(
         scalar(&app, "SELECT count(*) FROM audit_events WHERE embedding_state = 1").await,
         7,
@@ -285,7 +285,7 @@ async fn reembed_switches_search_to_the_new_model_only_when_it_is_complete() {
     assert_eq!(
         scalar(
             &app,
-            "SELECT count(*) FROM audit_embeddings emb JOIN embedding_models m ON m.id = emb.model_id \
+            "SELECT count(*) FROM stored_embeddings emb JOIN embedding_models m ON m.id = emb.model_id \
              WHERE m.name = 'minilm-copy'"
         )
         .await,
@@ -406,7 +406,7 @@ async fn purge_leaves_nothing_older_than_the_cutoff_and_touches_nothing_newer() 
         .unwrap();
     assert_eq!(older, 0);
     assert_eq!(app.count("audit_events").await, 4, "everything newer is untouched");
-    assert_eq!(app.count("audit_embeddings").await, 4);
+    assert_eq!(app.count("stored_embeddings").await, 4);
     let months_after: i64 = scalar(
         &app,
         "SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit_events'::regclass",

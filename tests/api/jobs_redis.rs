@@ -200,7 +200,7 @@ async fn watching_from_a_second_server_sees_the_same_updates() {
         assert_eq!(read_on_second, read_on_first);
         assert_eq!(&read_on_second, last, "the last update is the stored record");
         assert_eq!(second.count("pending_embeddings").await, 0);
-        assert_eq!(second.count("audit_embeddings").await, EVENTS as i64);
+        assert_eq!(second.count("stored_embeddings").await, EVENTS as i64);
     })
     .await;
 }
@@ -334,7 +334,7 @@ async fn a_job_left_by_a_crashed_replica_is_taken_over() {
         assert_eq!(embedded(&last), &prost_types::Value::from(EVENTS as f64));
         assert_eq!((last.done, last.total), (EVENTS, EVENTS), "{last:?}");
         assert_eq!(replica.count("pending_embeddings").await, 0);
-        assert_eq!(replica.count("audit_embeddings").await, EVENTS);
+        assert_eq!(replica.count("stored_embeddings").await, EVENTS);
         let listed = jobs
             .clone()
             .list_jobs(pb::ListJobsRequest::default())

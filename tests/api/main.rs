@@ -18,4 +18,5 @@ mod outage;
 mod protection;
 mod reflection;
 mod replica;
+mod vector_index;
 mod vector_search;

@@ -92,6 +92,50 @@ fn incident_join(scope: &SearchScope<'_>) -> &'static str {
     }
 }
 
+/// The `limit` fresh (not yet indexed) events in scope nearest to `query`,
+/// compared exactly, as `EVENT_COLUMNS, distance`.
+///
+/// Joined to the events by their full key, so each fresh row finds its event
+/// with one index probe in one partition. Unfiltered, the nearest fresh rows
+/// are picked before the join, which then touches only `limit` events:
+/// joined first, PostgreSQL hashes the whole events table to match a few
+/// thousand fresh rows (49 ms at 40k events, and growing with the table).
+fn push_fresh_nearest(
+    qb: &mut QueryBuilder<Postgres>,
+    model_id: i16,
+    query: pgvector::Vector,
+    scope: &SearchScope<'_>,
+    limit: usize,
+) {
+    if scope.is_unfiltered() {
+        qb.push(format_args!(
+            "SELECT {EVENT_COLUMNS}, f.distance FROM (SELECT event_id, occurred_at, embedding <=> "
+        ))
+        .push_bind(query)
+        .push(format_args!(
+            " AS distance FROM fresh_embeddings WHERE model_id = {model_id}"
+        ));
+        if let Some(exclude) = scope.exclude {
+            qb.push(" AND event_id <> ").push_bind(exclude);
+        }
+        qb.push(" ORDER BY distance LIMIT ").push_bind(limit as i64).push(
+            ") AS f JOIN audit_events e ON e.id = f.event_id AND e.occurred_at = f.occurred_at \
+                 ORDER BY f.distance, e.id",
+        );
+    } else {
+        qb.push(format_args!("SELECT {EVENT_COLUMNS}, emb.embedding <=> "))
+            .push_bind(query)
+            .push(format_args!(
+                " AS distance FROM fresh_embeddings emb \
+                 JOIN audit_events e ON e.id = emb.event_id AND e.occurred_at = emb.occurred_at{} \
+                 WHERE emb.model_id = {model_id}",
+                incident_join(scope)
+            ));
+        push_scope(qb, scope);
+        qb.push(" ORDER BY distance, e.id LIMIT ").push_bind(limit as i64);
+    }
+}
+
 impl Storage {
     pub async fn active_model(&self) -> Result<Option<ModelHandle>, CoreError> {
         self.model_where("active", None).await
@@ -259,18 +303,9 @@ impl Storage {
                     .push_bind(vector.clone())
                     .push(format_args!("::vector({dims}) LIMIT "))
                     .push_bind(limit as i64);
-                qb.push(format_args!(") UNION ALL (SELECT {EVENT_COLUMNS}, emb.embedding <=> "))
-                    .push_bind(vector)
-                    .push(format_args!(
-                        " AS distance FROM fresh_embeddings emb \
-                         JOIN audit_events e ON e.id = emb.event_id{} \
-                         WHERE emb.model_id = {id}",
-                        incident_join(scope)
-                    ));
-                push_scope(&mut qb, scope);
-                qb.push(" ORDER BY distance, e.id LIMIT ")
-                    .push_bind(limit as i64)
-                    .push(")");
+                qb.push(") UNION ALL (");
+                push_fresh_nearest(&mut qb, id, vector, scope, limit);
+                qb.push(")");
             }
         }
         let rows: Vec<RankedRow> = qb

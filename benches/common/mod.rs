@@ -8,6 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 
+pub mod load;
+
 /// The `source` of seeded events: the caller a server with `auth.disabled` records.
 pub const BENCH_SOURCE: &str = "anonymous";
 

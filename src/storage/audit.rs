@@ -180,18 +180,8 @@ impl Storage {
         let fresh: Vec<usize> = fresh.into_iter().filter(|&i| !receipts[i].duplicate).collect();
         let mut chains =
             ChainHeads::lock(&mut tx, fresh.iter().map(|&i| writes[i].event.correlation_id.as_str())).await?;
-        for &index in &fresh {
-            insert_event(
-                &mut tx,
-                source,
-                model,
-                self,
-                &mut chains,
-                &writes[index],
-                &receipts[index],
-            )
-            .await?;
-        }
+        let batch: Vec<(&PreparedWrite, &WriteReceipt)> = fresh.iter().map(|&i| (&writes[i], &receipts[i])).collect();
+        insert_events(&mut tx, source, model, self, &mut chains, &batch).await?;
         chains.save(&mut tx).await?;
 
         let mut projected = fresh;
@@ -199,10 +189,17 @@ impl Storage {
             let (ea, eb) = (&writes[a].event, &writes[b].event);
             (&ea.remediation_request_id, ea.occurred_at).cmp(&(&eb.remediation_request_id, eb.occurred_at))
         });
-        for index in projected {
-            let receipt = &receipts[index];
-            incidents::apply_event(&mut tx, receipt.incident_id, receipt.event_id, &writes[index].event).await?;
-        }
+        let projected: Vec<(Uuid, Uuid, &AuditEvent)> = projected
+            .into_iter()
+            .map(|index| {
+                (
+                    receipts[index].incident_id,
+                    receipts[index].event_id,
+                    &writes[index].event,
+                )
+            })
+            .collect();
+        incidents::apply_events(&mut tx, &projected).await?;
 
         tx.commit().await?;
         Ok(receipts)
@@ -366,92 +363,174 @@ fn chain_record(source: &str, write: &PreparedWrite) -> Result<ChainRecord, TxFa
     })
 }
 
-async fn insert_event(
+/// The columns of the events a transaction inserts, one array each: the
+/// whole batch goes in with one statement per table instead of one per
+/// event (statement overhead dominated batches, docs/performance.md).
+#[derive(Default)]
+struct EventColumns {
+    id: Vec<Uuid>,
+    occurred_at: Vec<DateTime<Utc>>,
+    incident_id: Vec<Uuid>,
+    correlation_id: Vec<String>,
+    remediation_request_id: Vec<String>,
+    namespace: Vec<String>,
+    cluster: Vec<Option<String>>,
+    kind: Vec<i16>,
+    labels: Vec<serde_json::Value>,
+    parent_event_id: Vec<Option<Uuid>>,
+    payload: Vec<serde_json::Value>,
+    search_text: Vec<Option<String>>,
+    received_at: Vec<DateTime<Utc>>,
+    source: Vec<String>,
+    trace_id: Vec<Option<String>>,
+    embedding_state: Vec<i16>,
+    action_type: Vec<Option<String>>,
+    execution_status: Vec<Option<i16>>,
+    duration_ms: Vec<Option<f64>>,
+    chain_seq: Vec<i64>,
+    previous_event_hash: Vec<Option<Vec<u8>>>,
+    event_hash: Vec<Vec<u8>>,
+    hash_algorithm: Vec<&'static str>,
+    hash_key_id: Vec<Option<String>>,
+}
+
+/// The batch's events, embeddings and pending markers, each table in one
+/// statement; chain links are computed here, in batch order.
+async fn insert_events(
     tx: &mut Transaction<'_, Postgres>,
     source: &str,
     model: &ModelHandle,
     storage: &Storage,
     chains: &mut ChainHeads,
-    write: &PreparedWrite,
-    receipt: &WriteReceipt,
+    batch: &[(&PreparedWrite, &WriteReceipt)],
 ) -> Result<(), TxFailure> {
-    let event = &write.event;
-    let record = chain_record(source, write)?;
-    let (seq, previous, link) = chains.append(&storage.chain, &record);
-    let labels = serde_json::to_value(&record.labels).map_err(|e| TxFailure::Fail(CoreError::Internal(e.into())))?;
-    let execution = match &event.payload {
-        Payload::Execution(execution) => Some(execution),
-        _ => None,
-    };
+    let mut events = EventColumns::default();
+    let (mut embedded_ids, mut embedded_ats, mut vectors) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut deferred_ids, mut deferred_ats, mut deferred_reasons) = (Vec::new(), Vec::new(), Vec::new());
+    for &(write, receipt) in batch {
+        let record = chain_record(source, write)?;
+        let (seq, previous, link) = chains.append(&storage.chain, &record);
+        let labels =
+            serde_json::to_value(&record.labels).map_err(|e| TxFailure::Fail(CoreError::Internal(e.into())))?;
+        let execution = match &write.event.payload {
+            Payload::Execution(execution) => Some(execution),
+            _ => None,
+        };
+        match &write.embedding {
+            EmbeddingDecision::Vector { values, .. } => {
+                embedded_ids.push(record.event_id);
+                embedded_ats.push(record.occurred_at);
+                vectors.push(pgvector::Vector::from(values.clone()));
+            }
+            EmbeddingDecision::Deferred { reason } => {
+                deferred_ids.push(record.event_id);
+                deferred_ats.push(record.occurred_at);
+                deferred_reasons.push(reason.clone());
+            }
+            EmbeddingDecision::None => {}
+        }
+        events.id.push(record.event_id);
+        events.occurred_at.push(record.occurred_at);
+        events.incident_id.push(receipt.incident_id);
+        events.correlation_id.push(record.correlation_id);
+        events.remediation_request_id.push(record.remediation_request_id);
+        events.namespace.push(record.namespace);
+        events.cluster.push(record.cluster);
+        events.kind.push(record.kind);
+        events.labels.push(labels);
+        events.parent_event_id.push(record.parent_event_id);
+        events.payload.push(record.payload);
+        events.search_text.push(write.search_text.clone());
+        events.received_at.push(record.received_at);
+        events.source.push(record.source);
+        events.trace_id.push(record.trace_id);
+        events.embedding_state.push(receipt.embedding_state.code());
+        events
+            .action_type
+            .push(execution.map(|e| e.action_type.as_str().to_owned()));
+        events.execution_status.push(execution.map(|e| e.status.code()));
+        events
+            .duration_ms
+            .push(execution.and_then(|e| e.duration).map(|d| d.as_secs_f64() * 1000.0));
+        events.chain_seq.push(seq);
+        events.previous_event_hash.push(previous);
+        events.event_hash.push(link.hash.to_vec());
+        events.hash_algorithm.push(link.algorithm.as_str());
+        events.hash_key_id.push(link.key_id);
+    }
+    if events.id.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
         "INSERT INTO audit_events (id, occurred_at, incident_id, correlation_id, remediation_request_id, namespace, \
          cluster, kind, labels, parent_event_id, payload, search_text, received_at, source, trace_id, \
          embedding_state, action_type, execution_status, duration_ms, chain_seq, previous_event_hash, event_hash, \
          hash_algorithm, hash_key_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
-         $22, $23, $24)",
+         SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], $6::text[], \
+         $7::text[], $8::smallint[], $9::jsonb[], $10::uuid[], $11::jsonb[], $12::text[], $13::timestamptz[], \
+         $14::text[], $15::text[], $16::smallint[], $17::text[], $18::smallint[], $19::float8[], $20::bigint[], \
+         $21::bytea[], $22::bytea[], $23::text[], $24::text[])",
     )
-    .bind(record.event_id)
-    .bind(record.occurred_at)
-    .bind(receipt.incident_id)
-    .bind(&record.correlation_id)
-    .bind(&record.remediation_request_id)
-    .bind(&record.namespace)
-    .bind(&record.cluster)
-    .bind(record.kind)
-    .bind(labels)
-    .bind(record.parent_event_id)
-    .bind(&record.payload)
-    .bind(&write.search_text)
-    .bind(record.received_at)
-    .bind(&record.source)
-    .bind(&record.trace_id)
-    .bind(receipt.embedding_state.code())
-    .bind(execution.map(|e| e.action_type.as_str()))
-    .bind(execution.map(|e| e.status.code()))
-    .bind(execution.and_then(|e| e.duration).map(|d| d.as_secs_f64() * 1000.0))
-    .bind(seq)
-    .bind(previous)
-    .bind(&link.hash[..])
-    .bind(link.algorithm.as_str())
-    .bind(&link.key_id)
+    .bind(&events.id)
+    .bind(&events.occurred_at)
+    .bind(&events.incident_id)
+    .bind(&events.correlation_id)
+    .bind(&events.remediation_request_id)
+    .bind(&events.namespace)
+    .bind(&events.cluster)
+    .bind(&events.kind)
+    .bind(&events.labels)
+    .bind(&events.parent_event_id)
+    .bind(&events.payload)
+    .bind(&events.search_text)
+    .bind(&events.received_at)
+    .bind(&events.source)
+    .bind(&events.trace_id)
+    .bind(&events.embedding_state)
+    .bind(&events.action_type)
+    .bind(&events.execution_status)
+    .bind(&events.duration_ms)
+    .bind(&events.chain_seq)
+    .bind(&events.previous_event_hash)
+    .bind(&events.event_hash)
+    .bind(&events.hash_algorithm)
+    .bind(&events.hash_key_id)
     .execute(&mut **tx)
     .await?;
 
-    match &write.embedding {
-        EmbeddingDecision::Vector { values, .. } => {
-            sqlx::query(storage.embedding_insert())
-                .bind(receipt.event_id)
-                .bind(event.occurred_at)
-                .bind(model.id)
-                .bind(pgvector::Vector::from(values.clone()))
-                .execute(&mut **tx)
-                .await?;
-            // Written with a model that is no longer the active one (a reembed
-            // just switched): the backfill embeds it with the active one too.
-            sqlx::query(
-                "INSERT INTO pending_embeddings (event_id, occurred_at, model_id, reason) \
-                 SELECT $1, $2, m.id, 'written while another model became active' FROM embedding_models m \
-                 WHERE m.active AND m.id <> $3 ON CONFLICT DO NOTHING",
-            )
-            .bind(receipt.event_id)
-            .bind(event.occurred_at)
+    if !embedded_ids.is_empty() {
+        sqlx::query(storage.embedding_insert())
+            .bind(&embedded_ids)
+            .bind(&embedded_ats)
             .bind(model.id)
+            .bind(&vectors)
             .execute(&mut **tx)
             .await?;
-        }
-        EmbeddingDecision::Deferred { reason } => {
-            sqlx::query(
-                "INSERT INTO pending_embeddings (event_id, occurred_at, model_id, reason) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(receipt.event_id)
-            .bind(event.occurred_at)
-            .bind(model.id)
-            .bind(reason)
-            .execute(&mut **tx)
-            .await?;
-        }
-        EmbeddingDecision::None => {}
+        // Written with a model that is no longer the active one (a reembed
+        // just switched): the backfill embeds them with the active one too.
+        sqlx::query(
+            "INSERT INTO pending_embeddings (event_id, occurred_at, model_id, reason) \
+             SELECT t.id, t.at, m.id, 'written while another model became active' \
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, at) CROSS JOIN embedding_models m \
+             WHERE m.active AND m.id <> $3 ON CONFLICT DO NOTHING",
+        )
+        .bind(&embedded_ids)
+        .bind(&embedded_ats)
+        .bind(model.id)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !deferred_ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO pending_embeddings (event_id, occurred_at, model_id, reason) \
+             SELECT t.id, t.at, $3, t.reason FROM unnest($1::uuid[], $2::timestamptz[], $4::text[]) AS t(id, at, reason)",
+        )
+        .bind(&deferred_ids)
+        .bind(&deferred_ats)
+        .bind(model.id)
+        .bind(&deferred_reasons)
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }

@@ -6,15 +6,15 @@ use super::Storage;
 use crate::error::CoreError;
 
 /// New embeddings skip the HNSW index (deferred indexing, the default).
-const INSERT_FRESH: &str =
-    "INSERT INTO fresh_embeddings (event_id, occurred_at, model_id, embedding) VALUES ($1, $2, $3, $4)";
+const INSERT_FRESH: &str = "INSERT INTO fresh_embeddings (event_id, occurred_at, model_id, embedding) \
+     SELECT t.id, t.at, $3, t.embedding FROM unnest($1::uuid[], $2::timestamptz[], $4::vector[]) AS t(id, at, embedding)";
 /// New embeddings go into the HNSW index in the writing transaction.
-const INSERT_INDEXED: &str =
-    "INSERT INTO audit_embeddings (event_id, occurred_at, model_id, embedding) VALUES ($1, $2, $3, $4)";
+const INSERT_INDEXED: &str = "INSERT INTO audit_embeddings (event_id, occurred_at, model_id, embedding) \
+     SELECT t.id, t.at, $3, t.embedding FROM unnest($1::uuid[], $2::timestamptz[], $4::vector[]) AS t(id, at, embedding)";
 
 impl Storage {
-    /// How the write path stores an embedding (bind order: event id,
-    /// occurred_at, model id, vector).
+    /// How the write path stores a batch's embeddings (binds: event ids,
+    /// occurred_ats, the model id, vectors).
     pub(super) fn embedding_insert(&self) -> &'static str {
         if self.deferred_indexing {
             INSERT_FRESH

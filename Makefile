@@ -29,7 +29,7 @@ TEST_ENV := DATASTORAGE_TEST_DATABASE_URL=$(DB_URL) \
 	DATASTORAGE_TEST_MODEL_DIR=$(MODEL_DIR) \
 	DATASTORAGE_TEST_PYTHON=$(VENV_PYTHON)
 
-.PHONY: help deps dev-up dev-down pg-start redis-start migrate run test fmt lint bench image chart-check
+.PHONY: help deps dev-up dev-down pg-start redis-start migrate run test fmt lint bench bench-quick soak image chart-check
 
 help:
 	@echo "make run       install deps, start PostgreSQL (:$(PG_PORT)), migrate, serve gRPC on :8080"
@@ -40,7 +40,9 @@ help:
 	@echo "make migrate   apply database migrations"
 	@echo "make fmt       cargo fmt"
 	@echo "make lint      cargo fmt --check + cargo clippy --all-targets -D warnings"
-	@echo "make bench     write and read benchmarks vs plain SQL (release build)"
+	@echo "make bench     every benchmark scenario vs its baseline -> bench/results/<date>.md + .png"
+	@echo "make bench-quick  the same scenarios, small and short"
+	@echo "make soak      30 min mixed load with a PostgreSQL and a Redis restart -> bench/results/<date>-soak.md"
 	@echo "make image     build the container image (Docker); IMAGE=$(IMAGE) MODEL_SOURCE=$(MODEL_SOURCE)"
 	@echo "make chart-check  helm lint/template the chart, validate every manifest, check the Dockerfile"
 
@@ -83,7 +85,9 @@ lint:
 	cargo clippy --all-targets -- -D warnings
 
 # Benchmarks against the same statements in plain SQL, measured in the same run
-# (release build; timings are reported, never asserted).
+# (release build; timings are reported, never asserted). scripts/bench.sh runs
+# them and writes bench/results/<date>.md (bench-quick: <date>-quick.md) with
+# a latency plot; docs/performance.md explains the scenarios and the goals.
 # - write: WriteAudit throughput and latency vs the same inserts in plain SQL.
 #   BENCH_CLIENTS (16) and BENCH_SECONDS (10) tune it. Then the overhead of
 #   auth + tracing + metrics (issue 7, goal under 10%): caller-vector writes
@@ -112,13 +116,33 @@ lint:
 #   directly. Recreates ds_bench_jobs; the L2 rows use the Redis dev-up starts.
 #   BENCH_JOBS_WRITES (1000), BENCH_JOBS_REPEAT_PERCENT (30), BENCH_JOBS_EVENTS
 #   (500), BENCH_JOBS_BATCH (jobs.batch_size, 256).
-BENCH_ENV := DATASTORAGE_BENCH_DATABASE_URL=$(DB_URL) DATASTORAGE_BENCH_MODEL_DIR=$(MODEL_DIR)
+# - ingest: caller-vector writes (WriteAudit, BatchWriteAudit x100) with and
+#   without deferred vector indexing vs plain-SQL inserts into an HNSW-indexed
+#   table (the ceiling) and an unindexed one; how soon a write is searchable,
+#   the fresh backlog and its drain, recall@10. BENCH_CLIENTS (16),
+#   BENCH_INGEST_SECONDS (20); then BatchWriteAudit at a fixed 3x the
+#   measured ceiling for BENCH_INGEST_SUSTAINED_SECONDS (60).
+# - steady: the release server binary at BENCH_STEADY_WRITES (500) cached
+#   writes/s for BENCH_STEADY_SECONDS (300), fixed rate (coordinated omission
+#   corrected): p50/p95/p99 and the process's RSS, open files and PostgreSQL
+#   connections over time. BENCH_STEADY_SEARCHES and BENCH_STEADY_QUERIES add
+#   searches and listings per second, BENCH_STEADY_RESTARTS=1 restarts
+#   PostgreSQL and Redis mid-run (make soak).
+BENCH_ENV := DATASTORAGE_BENCH_DATABASE_URL=$(DB_URL) DATASTORAGE_BENCH_MODEL_DIR=$(MODEL_DIR) \
+	DATASTORAGE_BENCH_PSQL=$(PGBIN)/psql DATASTORAGE_BENCH_REDIS_URL=$(REDIS_URL)
 
 bench: dev-up
-	$(BENCH_ENV) cargo bench --bench write
-	$(BENCH_ENV) DATASTORAGE_BENCH_PSQL=$(PGBIN)/psql cargo bench --bench incidents
-	$(BENCH_ENV) cargo bench --bench search
-	$(BENCH_ENV) cargo bench --bench jobs
+	@$(ROOT)/scripts/bench-venv.sh
+	$(BENCH_ENV) $(ROOT)/scripts/bench.sh full
+
+bench-quick: dev-up
+	@$(ROOT)/scripts/bench-venv.sh
+	$(BENCH_ENV) $(ROOT)/scripts/bench.sh quick
+
+# Not in CI: 30 minutes. bench/results/<date>-soak.md.
+soak: dev-up
+	@$(ROOT)/scripts/bench-venv.sh
+	$(BENCH_ENV) $(ROOT)/scripts/bench.sh soak
 
 # The Helm chart (helm/datastorage): helm lint --strict and helm template with
 # the default values and every helm/datastorage/ci/*-values.yaml, each manifest

@@ -936,7 +936,7 @@ fn events_in_scope(model: &ModelHandle, filter: Filter, q: &QueryCase, limit: us
     };
     let mut s = Stmt::new(format!(
         "SELECT e.id, e.occurred_at FROM {events} \
-         JOIN audit_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
+         JOIN stored_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
          AND emb.model_id = {} WHERE true",
         model.id
     ));
@@ -971,7 +971,7 @@ fn nearest(
             s.push(&format!("SELECT {EVENT_COLUMNS}, emb.embedding <=> "))
                 .bind(Arg::Vector(vector.clone()))
                 .push(&format!(
-                    " AS distance FROM audit_embeddings emb \
+                    " AS distance FROM stored_embeddings emb \
                      JOIN audit_events e ON e.id = emb.event_id{} \
                      WHERE emb.model_id = {id}",
                     incident_join(filter)
@@ -990,14 +990,14 @@ fn nearest(
                 .push(&format!(
                     "::timestamptz[]) AS k(id, occurred_at) \
                      JOIN audit_events e ON e.id = k.id AND e.occurred_at = k.occurred_at \
-                     JOIN audit_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
+                     JOIN stored_embeddings emb ON emb.event_id = e.id AND emb.occurred_at = e.occurred_at \
                      AND emb.model_id = {id} \
                      ORDER BY distance, e.id LIMIT "
                 ))
                 .bind(Arg::Int8(limit as i64));
         }
         Way::Index => {
-            s.push(&format!("SELECT {EVENT_COLUMNS}, emb.embedding::vector({dims}) <=> "))
+            s.push(&format!("(SELECT {EVENT_COLUMNS}, emb.embedding::vector({dims}) <=> "))
                 .bind(Arg::Vector(vector.clone()))
                 .push(&format!(
                     "::vector({dims}) AS distance FROM audit_embeddings emb \
@@ -1010,6 +1010,34 @@ fn nearest(
                 .bind(Arg::Vector(vector.clone()))
                 .push(&format!("::vector({dims}) LIMIT "))
                 .bind(Arg::Int8(limit as i64));
+            // search.rs: push_fresh_nearest (the fresh segment is empty here,
+            // but the service's statement carries it).
+            s.push(") UNION ALL (");
+            if filter.is_some() {
+                s.push(&format!("SELECT {EVENT_COLUMNS}, emb.embedding <=> "))
+                    .bind(Arg::Vector(vector.clone()))
+                    .push(&format!(
+                        " AS distance FROM fresh_embeddings emb \
+                         JOIN audit_events e ON e.id = emb.event_id AND e.occurred_at = emb.occurred_at{} \
+                         WHERE emb.model_id = {id}",
+                        incident_join(filter)
+                    ));
+                push_scope(&mut s, filter, q);
+                s.push(" ORDER BY distance, e.id LIMIT ").bind(Arg::Int8(limit as i64));
+            } else {
+                s.push(&format!(
+                    "SELECT {EVENT_COLUMNS}, f.distance FROM (SELECT event_id, occurred_at, embedding <=> "
+                ))
+                .bind(Arg::Vector(vector.clone()))
+                .push(&format!(" AS distance FROM fresh_embeddings WHERE model_id = {id}"))
+                .push(" ORDER BY distance LIMIT ")
+                .bind(Arg::Int8(limit as i64))
+                .push(
+                    ") AS f JOIN audit_events e ON e.id = f.event_id AND e.occurred_at = f.occurred_at \
+                     ORDER BY f.distance, e.id",
+                );
+            }
+            s.push(")");
         }
     }
     s

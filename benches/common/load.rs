@@ -197,8 +197,9 @@ pub fn code(status: tonic::Status) -> String {
 /// plot: `<dir>/<file>.latency.csv`.
 pub fn write_percentiles(report: &LoadReport, dir: &std::path::Path, file: &str) -> std::io::Result<()> {
     let mut csv = String::from("scenario,percentile,ms\n");
+    let scenario = format!("\"{}\"", report.name.replace('"', "\"\""));
     for q in [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0] {
-        csv.push_str(&format!("{},{},{:.3}\n", report.name, q * 100.0, report.p(q)));
+        csv.push_str(&format!("{scenario},{},{:.3}\n", q * 100.0, report.p(q)));
     }
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join(format!("{file}.latency.csv")), csv)

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# make bench | bench-quick | soak: runs the scenario benches against the local
+# PostgreSQL + pgvector and Redis (make dev-up starts them), then writes
+# bench/results/<date>[-quick|-soak].md and a latency plot next to it
+# (scripts/bench-report.py). Each bench prints its own figures beside the
+# baseline it measured in the same run; nothing here asserts a timing.
+#
+#   scripts/bench.sh full    every scenario at full size (~1 h)
+#   scripts/bench.sh quick   the same scenarios, small and short (a few minutes)
+#   scripts/bench.sh soak    30 min: 300 writes/s + 50 searches/s + 50 queries/s,
+#                            PostgreSQL restarted at 10 min, Redis at 20 min
+#
+# Environment: DATASTORAGE_BENCH_DATABASE_URL, DATASTORAGE_BENCH_MODEL_DIR,
+# DATASTORAGE_BENCH_PSQL, DATASTORAGE_BENCH_REDIS_URL (the Makefile sets them),
+# and every BENCH_* knob of the benches (Makefile comments), which win over
+# the sizes chosen here.
+set -euo pipefail
+
+mode="${1:-full}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+day="$(date -u +%F)"
+case "$mode" in
+  full) suffix="" ;;
+  quick) suffix="-quick" ;;
+  soak) suffix="-soak" ;;
+  *) echo "usage: $0 full|quick|soak" >&2; exit 2 ;;
+esac
+run_dir="$root/.cache/bench/run-$mode"
+rm -rf "$run_dir"
+mkdir -p "$run_dir" "$root/bench/results"
+export BENCH_RESULTS_DIR="$run_dir"
+
+# Defaults for this mode; a knob already set in the environment wins.
+defaults() {
+  local pair name
+  for pair in "$@"; do
+    name="${pair%%=*}"
+    if [ -z "${!name:-}" ]; then
+      export "$pair"
+    fi
+  done
+}
+
+case "$mode" in
+  full)
+    benches="write ingest steady incidents search jobs"
+    defaults BENCH_STEADY_SECONDS=300 BENCH_STEADY_WRITES=500 BENCH_STEADY_BUCKET=30
+    ;;
+  quick)
+    benches="write ingest steady incidents search jobs"
+    defaults BENCH_SECONDS=3 BENCH_OVERHEAD_ROUNDS=1 BENCH_INGEST_SECONDS=5 BENCH_INGEST_SUSTAINED_SECONDS=10 \
+      BENCH_STEADY_SECONDS=20 BENCH_STEADY_WRITES=500 BENCH_STEADY_BUCKET=5 \
+      BENCH_EVENTS=50000 BENCH_INCIDENTS=5000 BENCH_ITERATIONS=30 BENCH_STATS_ITERATIONS=10 \
+      BENCH_SEARCH_EVENTS=5000 BENCH_SEARCH_QUERIES=20 BENCH_JOBS_WRITES=100 BENCH_JOBS_EVENTS=100
+    ;;
+  soak)
+    benches="steady"
+    defaults BENCH_STEADY_NAME=soak BENCH_STEADY_SECONDS=1800 BENCH_STEADY_WRITES=300 \
+      BENCH_STEADY_SEARCHES=50 BENCH_STEADY_QUERIES=50 BENCH_STEADY_RESTARTS=1 BENCH_STEADY_BUCKET=60
+    ;;
+esac
+
+started=$(date +%s)
+for bench in $benches; do
+  echo "== bench: $bench" >&2
+  cargo bench --quiet --bench "$bench" 2>"$run_dir/$bench.log" | tee "$run_dir/$bench.md"
+done
+elapsed=$(( $(date +%s) - started ))
+
+python="$root/.cache/st-venv/bin/python"
+[ -x "$python" ] || python=python3
+"$python" "$root/scripts/bench-report.py" --mode "$mode" --elapsed "$elapsed" --benches "$benches" \
+  "$run_dir" "$root/bench/results/$day$suffix"

@@ -29,12 +29,13 @@ TEST_ENV := DATASTORAGE_TEST_DATABASE_URL=$(DB_URL) \
 	DATASTORAGE_TEST_MODEL_DIR=$(MODEL_DIR) \
 	DATASTORAGE_TEST_PYTHON=$(VENV_PYTHON)
 
-.PHONY: help deps dev-up dev-down pg-start redis-start migrate run test fmt lint bench bench-quick soak image chart-check
+.PHONY: help deps dev-up dev-down pg-start redis-start migrate run test test-faults fmt lint bench bench-quick soak image chart-check
 
 help:
 	@echo "make run       install deps, start PostgreSQL (:$(PG_PORT)), migrate, serve gRPC on :8080"
 	@echo "make test      install deps, start PostgreSQL + Redis, cargo test"
 	@echo "make deps      install system packages, pgvector, the embedding model, the Python venv"
+	@echo "make test-faults  only the fault and hostile-input tests (make test runs them too)"
 	@echo "make dev-up    deps + start PostgreSQL (:$(PG_PORT)) and Redis (:$(REDIS_PORT))"
 	@echo "make dev-down  stop PostgreSQL and Redis"
 	@echo "make migrate   apply database migrations"
@@ -76,6 +77,13 @@ test: dev-up
 	  | PGOPTIONS='-c client_min_messages=warning' $(PGBIN)/psql -X -q -v ON_ERROR_STOP=1 "$(DB_URL)" >/dev/null
 	$(TEST_ENV) cargo test --lib --bins --tests
 	@DATASTORAGE_SERVER_BIN=$(CARGO_TARGET_DIR)/debug/datastorage $(ROOT)/scripts/chart-check.sh
+
+# The fault-injection and hostile-input tests alone: SIGKILL mid-load
+# (tests/faults.rs), a read-only database, and the abusive-request table. They
+# fit in CI time, so `make test` runs them as well.
+test-faults: dev-up
+	$(TEST_ENV) cargo test --test faults
+	$(TEST_ENV) cargo test --test api -- database_faults:: hostile::
 
 fmt:
 	cargo fmt
@@ -128,11 +136,14 @@ lint:
 #   connections over time. BENCH_STEADY_SEARCHES and BENCH_STEADY_QUERIES add
 #   searches and listings per second, BENCH_STEADY_RESTARTS=1 restarts
 #   PostgreSQL and Redis mid-run (make soak).
+# - embedding: the local model's texts/s vs the PyTorch reference
+#   (sentence-transformers in .cache/st-venv, same files, batch and threads)
+#   and their cosine agreement per text. BENCH_EMBEDDING_TEXTS (2048).
 BENCH_ENV := DATASTORAGE_BENCH_DATABASE_URL=$(DB_URL) DATASTORAGE_BENCH_MODEL_DIR=$(MODEL_DIR) \
 	DATASTORAGE_BENCH_PSQL=$(PGBIN)/psql DATASTORAGE_BENCH_REDIS_URL=$(REDIS_URL)
 
 bench: dev-up
-	@$(ROOT)/scripts/bench-venv.sh
+	@$(ROOT)/scripts/bench-venv.sh --reference
 	$(BENCH_ENV) $(ROOT)/scripts/bench.sh full
 
 bench-quick: dev-up

@@ -43,12 +43,12 @@ defaults() {
 
 case "$mode" in
   full)
-    benches="write ingest steady incidents search jobs"
+    benches="write ingest steady incidents search jobs embedding"
     defaults BENCH_STEADY_SECONDS=300 BENCH_STEADY_WRITES=500 BENCH_STEADY_BUCKET=30
     ;;
   quick)
-    benches="write ingest steady incidents search jobs"
-    defaults BENCH_SECONDS=3 BENCH_OVERHEAD_ROUNDS=1 BENCH_INGEST_SECONDS=5 BENCH_INGEST_SUSTAINED_SECONDS=10 \
+    benches="write ingest steady incidents search jobs embedding"
+    defaults BENCH_EMBEDDING_TEXTS=256 BENCH_SECONDS=3 BENCH_OVERHEAD_ROUNDS=1 BENCH_INGEST_SECONDS=5 BENCH_INGEST_SUSTAINED_SECONDS=10 \
       BENCH_STEADY_SECONDS=20 BENCH_STEADY_WRITES=500 BENCH_STEADY_BUCKET=5 \
       BENCH_EVENTS=50000 BENCH_INCIDENTS=5000 BENCH_ITERATIONS=30 BENCH_STATS_ITERATIONS=10 \
       BENCH_SEARCH_EVENTS=5000 BENCH_SEARCH_QUERIES=20 BENCH_JOBS_WRITES=100 BENCH_JOBS_EVENTS=100

@@ -1,0 +1,193 @@
+//! `make bench`, embedding: the local model (candle) against the PyTorch
+//! reference (sentence-transformers), same model files, same texts, same
+//! batch size and the same number of threads, in one run.
+//!
+//! Reports texts/s of each and their agreement: the cosine similarity of the
+//! two vectors of every text (goal: throughput at least the reference's,
+//! cosine >= 0.999). BENCH_EMBEDDING_TEXTS (2048) texts of incident prose,
+//! from a few words to ~80, in batches of the service's
+//! embedding.batch_max_size (32). The local model runs before and after the
+//! reference and its two timings are averaged, so a drift of the machine
+//! weighs on both sides.
+//!
+//! The reference runs `scripts/bench-embedding-reference.py` in the bench
+//! virtualenv (.cache/st-venv; `scripts/bench-venv.sh --reference` installs
+//! torch and sentence-transformers, ~6 GB). Without it, only the local figures
+//! are printed.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::Context;
+use datastorage::{config::Settings, embedding::local::LocalMiniLm};
+
+mod common;
+use common::{env_or, Rng, ALERT_BASES, TEAMS};
+
+const DIMENSIONS: usize = 384;
+
+fn texts(count: usize) -> Vec<String> {
+    const CAUSES: [&str; 8] = [
+        "the readiness probe failed after the upstream connection pool was exhausted",
+        "the container was OOMKilled when resident memory passed its limit",
+        "garbage collection paused the JVM for several seconds",
+        "the registry refused the image pull with an authentication error",
+        "the node ran out of ephemeral storage and evicted the pod",
+        "a certificate expired and TLS handshakes failed",
+        "DNS lookups for the cache service timed out",
+        "a deploy rolled out a configuration with a typo in the database URL",
+    ];
+    let mut rng = Rng::new(6);
+    (0..count)
+        .map(|i| {
+            let alert = *rng.pick(&ALERT_BASES);
+            let team = *rng.pick(&TEAMS);
+            let mut text = format!("{alert} in namespace {team}, pod api-{i}");
+            for _ in 0..rng.below(6) {
+                text.push_str("; ");
+                let cause: &&str = rng.pick(&CAUSES[..]);
+                text.push_str(cause);
+            }
+            text
+        })
+        .collect()
+}
+
+fn local_run(model: &LocalMiniLm, texts: &[String], batch: usize) -> anyhow::Result<(f64, Vec<Vec<f32>>)> {
+    let started = Instant::now();
+    let mut vectors = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch) {
+        vectors.extend(model.embed_blocking(chunk)?);
+    }
+    Ok((texts.len() as f64 / started.elapsed().as_secs_f64(), vectors))
+}
+
+struct Reference {
+    texts_per_second: f64,
+    versions: String,
+    vectors: Vec<Vec<f32>>,
+}
+
+fn reference(model_dir: &str, texts: &[String], batch: usize, threads: usize) -> anyhow::Result<Option<Reference>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".cache/st-venv/bin/python");
+    let probe = Command::new(&python)
+        .args(["-c", "import torch, sentence_transformers"])
+        .output();
+    if !probe.is_ok_and(|out| out.status.success()) {
+        return Ok(None);
+    }
+    let dir = std::env::var_os("BENCH_RESULTS_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    std::fs::create_dir_all(&dir)?;
+    let (input, output) = (dir.join("embedding-texts.json"), dir.join("embedding-reference.f32"));
+    std::fs::write(&input, serde_json::to_vec(texts)?)?;
+    let run = Command::new(&python)
+        .arg(root.join("scripts/bench-embedding-reference.py"))
+        .args([
+            "--model",
+            model_dir,
+            "--threads",
+            &threads.to_string(),
+            "--batch",
+            &batch.to_string(),
+        ])
+        .arg("--texts")
+        .arg(&input)
+        .arg("--out")
+        .arg(&output)
+        .output()
+        .context("running the PyTorch reference")?;
+    anyhow::ensure!(
+        run.status.success(),
+        "the PyTorch reference failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(
+        run.stdout
+            .split(|b| *b == b'\n')
+            .rfind(|line| !line.is_empty())
+            .context("the reference printed nothing")?,
+    )?;
+    let raw = std::fs::read(&output)?;
+    anyhow::ensure!(
+        raw.len() == texts.len() * DIMENSIONS * 4,
+        "reference vectors: wrong size"
+    );
+    let floats: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(Some(Reference {
+        texts_per_second: report["texts_per_second"].as_f64().context("texts_per_second")?,
+        versions: report["versions"].as_str().unwrap_or("").to_owned(),
+        vectors: floats.chunks_exact(DIMENSIONS).map(<[f32]>::to_vec).collect(),
+    }))
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+fn main() -> anyhow::Result<()> {
+    let count: usize = env_or("BENCH_EMBEDDING_TEXTS", 2048);
+    let model_dir = std::env::var("DATASTORAGE_BENCH_MODEL_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.cache/models/all-MiniLM-L6-v2").into());
+    let batch = Settings::default().embedding.batch_max_size;
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let texts = texts(count);
+    let model = LocalMiniLm::load(Path::new(&model_dir), "all-MiniLM-L6-v2")?;
+    local_run(&model, &texts[..batch.min(texts.len())], batch)?; // warm-up
+
+    println!("## Local embedding vs the PyTorch reference\n\n{count} texts, batches of {batch}, {threads} threads.\n");
+    let (first, local_vectors) = local_run(&model, &texts, batch)?;
+    let reference = reference(&model_dir, &texts, batch, threads)?;
+    let (second, _) = local_run(&model, &texts, batch)?;
+    let local = (first + second) / 2.0;
+    // sentence-transformers sorts its input by length before batching, so
+    // its batches carry little padding; the service's micro-batches are
+    // whatever arrives together. The local model on the same sorted order:
+    let mut by_length = texts.clone();
+    by_length.sort_by_key(|text| std::cmp::Reverse(text.len()));
+    let (sorted, _) = local_run(&model, &by_length, batch)?;
+    println!("| implementation | texts/s | vs reference |\n|---|---:|---:|");
+    match &reference {
+        Some(reference) => {
+            println!(
+                "| local model (candle), mean of the runs before and after | {local:.0} | {:.2}x |",
+                local / reference.texts_per_second
+            );
+            println!(
+                "| local model, texts sorted by length first (as the reference batches them) | {sorted:.0} | {:.2}x |",
+                sorted / reference.texts_per_second
+            );
+            println!(
+                "| PyTorch reference ({}) | {:.0} | 1.00x |",
+                reference.versions, reference.texts_per_second
+            );
+            let mut agreement: Vec<f64> = local_vectors
+                .iter()
+                .zip(&reference.vectors)
+                .map(|(a, b)| cosine(a, b))
+                .collect();
+            agreement.sort_by(f64::total_cmp);
+            let mean = agreement.iter().sum::<f64>() / agreement.len() as f64;
+            println!(
+                "\nAgreement (cosine of the two vectors of each text): min {:.6}, 1st percentile {:.6}, \
+                 mean {mean:.6}; {} of {} texts below 0.999.\n",
+                agreement[0],
+                agreement[agreement.len() / 100],
+                agreement.iter().filter(|c| **c < 0.999).count(),
+                agreement.len()
+            );
+        }
+        None => println!(
+            "| local model (candle) | {local:.0} | n/a |\n| local model, texts sorted by length first | {sorted:.0} | n/a |\n\nNo PyTorch reference: run scripts/bench-venv.sh \
+             --reference to install torch and sentence-transformers into .cache/st-venv.\n"
+        ),
+    }
+    Ok(())
+}

@@ -16,6 +16,7 @@ mod jobs_redis;
 mod metrics;
 mod outage;
 mod protection;
+mod provider_faults;
 mod reflection;
 mod replica;
 mod vector_index;

@@ -29,13 +29,14 @@ TEST_ENV := DATASTORAGE_TEST_DATABASE_URL=$(DB_URL) \
 	DATASTORAGE_TEST_MODEL_DIR=$(MODEL_DIR) \
 	DATASTORAGE_TEST_PYTHON=$(VENV_PYTHON)
 
-.PHONY: help deps dev-up dev-down pg-start redis-start migrate run test test-faults fmt lint bench bench-quick soak image chart-check
+.PHONY: help deps dev-up dev-down pg-start redis-start migrate run test test-faults fuzz fmt lint bench bench-quick soak image chart-check
 
 help:
 	@echo "make run       install deps, start PostgreSQL (:$(PG_PORT)), migrate, serve gRPC on :8080"
 	@echo "make test      install deps, start PostgreSQL + Redis, cargo test"
 	@echo "make deps      install system packages, pgvector, the embedding model, the Python venv"
 	@echo "make test-faults  only the fault and hostile-input tests (make test runs them too)"
+	@echo "make fuzz      the fuzz targets with FUZZ_CASES ($(FUZZ_CASES)) random inputs each"
 	@echo "make dev-up    deps + start PostgreSQL (:$(PG_PORT)) and Redis (:$(REDIS_PORT))"
 	@echo "make dev-down  stop PostgreSQL and Redis"
 	@echo "make migrate   apply database migrations"
@@ -84,6 +85,16 @@ test: dev-up
 test-faults: dev-up
 	$(TEST_ENV) cargo test --test faults
 	$(TEST_ENV) cargo test --test api -- database_faults:: hostile::
+
+# Fuzz targets (proptest; cargo-fuzz needs a nightly toolchain): protobuf
+# decode -> validation -> domain types, page tokens, filter building. `cargo
+# test` runs each with 256 inputs; this runs FUZZ_CASES each. A failure is
+# shrunk and saved in proptest-regressions/ (commit it: it replays in every
+# later test run).
+FUZZ_CASES ?= 200000
+
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) cargo test --lib -- fuzz:: pagination::tests::any_string pagination::tests::every_edit
 
 fmt:
 	cargo fmt

@@ -217,4 +217,29 @@ mod tests {
             )
             .is_ok());
     }
+
+    proptest::proptest! {
+        /// Fuzz target for page token decoding (see `grpc::fuzz` for why
+        /// proptest): no string but an issued token opens.
+        #[test]
+        fn any_string_is_refused_without_panicking(token in ".{0,400}") {
+            let t = tokens("k".repeat(32).as_str());
+            proptest::prop_assert!(t.open("page_token", &token, Listing::Incidents, "p", Utc::now()).is_err());
+        }
+
+        #[test]
+        fn every_edit_of_an_issued_token_is_refused(
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let t = tokens("k".repeat(32).as_str());
+            let now = Utc::now();
+            let mut edited = t.issue(Listing::Incidents, "p", now, "77:80:", cursor()).into_bytes();
+            let at = at.index(edited.len());
+            proptest::prop_assume!(edited[at] != byte);
+            edited[at] = byte;
+            let edited = String::from_utf8_lossy(&edited).into_owned();
+            proptest::prop_assert!(t.open("page_token", &edited, Listing::Incidents, "p", now).is_err());
+        }
+    }
 }

@@ -4,6 +4,8 @@
 pub mod audit_write;
 pub mod codec;
 pub mod convert;
+#[cfg(test)]
+mod fuzz;
 pub mod incident_query;
 pub mod job_status;
 pub mod middleware;

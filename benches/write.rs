@@ -252,7 +252,8 @@ async fn plain_sql_write_in_chain(
             .await
             .unwrap();
     }
-    sqlx::query("INSERT INTO audit_embeddings (event_id, occurred_at, model_id, embedding) VALUES ($1, $2, 1, $3)")
+    // Where the service's write path puts it (deferred vector indexing, the default).
+    sqlx::query("INSERT INTO fresh_embeddings (event_id, occurred_at, model_id, embedding) VALUES ($1, $2, 1, $3)")
         .bind(id)
         .bind(now)
         .bind(pgvector::Vector::from(vector))

@@ -31,7 +31,6 @@ use std::{
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use chrono::{DateTime, TimeDelta, Utc};
 use datastorage::{
-    config::{LogFormat, Settings},
     domain::{
         self, incident_id_for, AiAnalysis, AuditEvent, Custom, Execution, ExecutionStatus, IncidentFilter, IncidentKey,
         IncidentOrder, PagePosition, Payload, Phase, Remediation, ResourceRef, Severity, TimelineQuery, TimelineScope,
@@ -43,7 +42,6 @@ use datastorage::{
     storage::{self, Storage, EVENT_COLUMNS, INCIDENT_COLUMNS},
 };
 use hdrhistogram::Histogram;
-use secrecy::SecretString;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use tonic::transport::Channel;
 use uuid::Uuid;
@@ -1278,16 +1276,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // ---- the server ----
-    let mut settings = Settings::default();
-    settings.grpc.host = [127, 0, 0, 1].into();
-    settings.grpc.port = 0;
-    settings.http.host = [127, 0, 0, 1].into();
-    settings.http.port = 0;
-    settings.auth.disabled = true;
-    settings.rate_limit.enabled = false;
-    settings.database.url = SecretString::from(url.clone());
-    settings.embedding.model_dir = model_dir.into();
-    settings.log.format = LogFormat::Pretty;
+    let settings = common::server_settings(&url, &model_dir);
     let app = Application::build(settings.clone()).await?;
     let port = app.port();
     let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -38,12 +38,11 @@ use std::{
 };
 
 use datastorage::{
-    config::{LogFormat, Settings},
+    config::Settings,
     proto::v1::{self as pb, audit_write_client::AuditWriteClient, vector_search_client::VectorSearchClient},
     startup::Application,
 };
 use hdrhistogram::Histogram;
-use secrecy::SecretString;
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use tonic::transport::Channel;
 
@@ -86,23 +85,15 @@ fn lone(seed: u64) -> Vec<f32> {
 }
 
 fn event(rr: String) -> pb::AuditEvent {
-    pb::AuditEvent {
-        correlation_id: format!("corr-{rr}"),
-        remediation_request_id: rr,
-        occurred_at: Some(prost_types::Timestamp {
-            seconds: chrono::Utc::now().timestamp() - 60,
-            nanos: 0,
-        }),
-        namespace: "payments".into(),
-        cluster: "prod".into(),
-        labels: Default::default(),
-        parent_event_id: String::new(),
-        payload: Some(pb::audit_event::Payload::Custom(pb::CustomAudit {
+    common::recent_event(
+        rr,
+        "payments".into(),
+        pb::audit_event::Payload::Custom(pb::CustomAudit {
             event_type: "ingest".into(),
             text: "pod restarted".into(),
             ..Default::default()
-        })),
-    }
+        }),
+    )
 }
 
 fn write(seed: u64, rr: String) -> pb::WriteAuditRequest {
@@ -116,18 +107,8 @@ fn write(seed: u64, rr: String) -> pb::WriteAuditRequest {
 }
 
 fn server_settings(url: &str, model_dir: &str, clients: usize, deferred: bool) -> Settings {
-    let mut settings = Settings::default();
-    settings.grpc.host = [127, 0, 0, 1].into();
-    settings.grpc.port = 0;
-    settings.http.host = [127, 0, 0, 1].into();
-    settings.http.port = 0;
-    settings.auth.disabled = true;
-    settings.rate_limit.enabled = false;
-    settings.database.url = SecretString::from(url.to_owned());
+    let mut settings = common::server_settings(url, model_dir);
     settings.database.max_connections = clients as u32 + 4;
-    settings.embedding.model_dir = model_dir.into();
-    settings.log.format = LogFormat::Pretty;
-    settings.shutdown.drain_delay_ms = 0;
     settings.vector_index.deferred = deferred;
     settings.vector_index.indexer = deferred;
     settings

@@ -29,7 +29,7 @@ use std::{
 
 use async_trait::async_trait;
 use datastorage::{
-    config::{ExtraModelSettings, LogFormat, Settings},
+    config::{ExtraModelSettings, Settings},
     embedding::{local::LocalMiniLm, EmbeddingError, EmbeddingProvider},
     proto::v1::{self as pb, audit_write_client::AuditWriteClient, job_status_client::JobStatusClient},
     startup::Application,
@@ -41,7 +41,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 mod common;
-use common::{alert_name, env_or, histogram, micros, ms, Rng, TEAMS};
+use common::{alert_name, env_or, histogram, micros, ms, remediation_event as event, Rng, TEAMS};
 
 const DATABASE: &str = "ds_bench_jobs";
 const MODEL_NAME: &str = "all-MiniLM-L6-v2";
@@ -104,16 +104,7 @@ async fn recreate_database(admin: &str) -> anyhow::Result<String> {
 }
 
 fn base_settings(url: &str, model_dir: &str) -> Settings {
-    let mut settings = Settings::default();
-    settings.grpc.host = [127, 0, 0, 1].into();
-    settings.grpc.port = 0;
-    settings.http.host = [127, 0, 0, 1].into();
-    settings.http.port = 0;
-    settings.auth.disabled = true;
-    settings.rate_limit.enabled = false;
-    settings.database.url = SecretString::from(url.to_owned());
-    settings.embedding.model_dir = model_dir.into();
-    settings.log.format = LogFormat::Pretty;
+    let mut settings = common::server_settings(url, model_dir);
     // Jobs run when the benchmark starts them, never by themselves.
     settings.jobs.supervisor_interval_ms = 3_600_000;
     settings
@@ -168,34 +159,6 @@ fn write_workload(count: usize, repeat_percent: u64) -> Vec<String> {
         texts.push(text);
     }
     texts
-}
-
-fn event(rr: String, message: String) -> pb::AuditEvent {
-    pb::AuditEvent {
-        correlation_id: format!("corr-{rr}"),
-        remediation_request_id: rr,
-        occurred_at: Some(prost_types::Timestamp {
-            seconds: chrono::Utc::now().timestamp() - 60,
-            nanos: 0,
-        }),
-        namespace: "payments".into(),
-        cluster: "prod".into(),
-        labels: Default::default(),
-        parent_event_id: String::new(),
-        payload: Some(pb::audit_event::Payload::Remediation(pb::RemediationAudit {
-            signal_type: "prometheus-alert".into(),
-            signal_name: "HighMemoryUsage".into(),
-            severity: pb::Severity::Critical as i32,
-            target: Some(pb::ResourceRef {
-                kind: "Deployment".into(),
-                name: "api".into(),
-                namespace: "payments".into(),
-            }),
-            phase: pb::Phase::Processing as i32,
-            message,
-            ..Default::default()
-        })),
-    }
 }
 
 fn write_request(rr: String, message: String) -> pb::WriteAuditRequest {

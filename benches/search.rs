@@ -43,7 +43,7 @@ use std::{
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use datastorage::{
-    config::{IterativeScan, LogFormat, Settings},
+    config::{IterativeScan, LogFormat},
     domain::{self, incident_id_for, Custom, IncidentFilter, Payload},
     embedding::{local::LocalMiniLm, EmbeddingProvider},
     proto::v1::{self as pb, vector_search_client::VectorSearchClient},
@@ -51,7 +51,6 @@ use datastorage::{
     storage::{self, ModelHandle, SearchScope, Storage, Strategy, EVENT_COLUMNS},
 };
 use hdrhistogram::Histogram;
-use secrecy::SecretString;
 use sqlx::{postgres::PgRow, AssertSqlSafe, Connection, PgConnection, Row};
 use tonic::transport::Channel;
 use uuid::Uuid;
@@ -1572,15 +1571,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // ---- the server ----
-    let mut settings = Settings::default();
-    settings.grpc.host = [127, 0, 0, 1].into();
-    settings.grpc.port = 0;
-    settings.http.host = [127, 0, 0, 1].into();
-    settings.http.port = 0;
-    settings.auth.disabled = true;
-    settings.rate_limit.enabled = false;
-    settings.database.url = SecretString::from(url.clone());
-    settings.embedding.model_dir = PathBuf::from(&model_dir);
+    let mut settings = common::server_settings(&url, &model_dir);
     settings.embedding.model_name = MODEL_NAME.to_owned();
     settings.log.format = LogFormat::Pretty;
     // The HNSW knobs, for trying other values; the service's defaults otherwise.

@@ -51,23 +51,15 @@ fn text(i: u64) -> String {
 }
 
 fn event(rr: String, i: u64) -> pb::AuditEvent {
-    pb::AuditEvent {
-        correlation_id: format!("corr-{rr}"),
-        remediation_request_id: rr,
-        occurred_at: Some(prost_types::Timestamp {
-            seconds: chrono::Utc::now().timestamp() - 60,
-            nanos: 0,
-        }),
-        namespace: format!("team-{}", i % 10),
-        cluster: "prod".into(),
-        labels: Default::default(),
-        parent_event_id: String::new(),
-        payload: Some(pb::audit_event::Payload::Custom(pb::CustomAudit {
+    common::recent_event(
+        rr,
+        format!("team-{}", i % 10),
+        pb::audit_event::Payload::Custom(pb::CustomAudit {
             event_type: "steady".into(),
             text: text(i),
             ..Default::default()
-        })),
-    }
+        }),
+    )
 }
 
 /// The server process; killed when dropped.

@@ -72,7 +72,7 @@ use tonic::{
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 mod common;
-use common::env_or;
+use common::{env_or, remediation_event as event};
 
 const DIMENSIONS: usize = 384;
 
@@ -146,34 +146,6 @@ fn unit_vector(seed: u64) -> Vec<f32> {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     v.iter_mut().for_each(|x| *x /= norm);
     v
-}
-
-fn event(rr: String, message: String) -> pb::AuditEvent {
-    pb::AuditEvent {
-        correlation_id: format!("corr-{rr}"),
-        remediation_request_id: rr,
-        occurred_at: Some(prost_types::Timestamp {
-            seconds: chrono::Utc::now().timestamp() - 60,
-            nanos: 0,
-        }),
-        namespace: "payments".into(),
-        cluster: "prod".into(),
-        labels: Default::default(),
-        parent_event_id: String::new(),
-        payload: Some(pb::audit_event::Payload::Remediation(pb::RemediationAudit {
-            signal_type: "prometheus-alert".into(),
-            signal_name: "HighMemoryUsage".into(),
-            severity: pb::Severity::Critical as i32,
-            target: Some(pb::ResourceRef {
-                kind: "Deployment".into(),
-                name: "api".into(),
-                namespace: "payments".into(),
-            }),
-            phase: pb::Phase::Processing as i32,
-            message,
-            ..Default::default()
-        })),
-    }
 }
 
 async fn plain_sql_write(pool: &PgPool, rr: String, vector: Vec<f32>) {
@@ -301,22 +273,10 @@ async fn main() -> anyhow::Result<()> {
     observability_overhead(&url, &model_dir, clients, seconds, rounds).await
 }
 
-/// A bench server: ephemeral loopback ports, no authentication and no rate
-/// limit, a pool with a connection for every client.
+/// A bench server with a pool connection for every client.
 fn server_settings(url: &str, model_dir: &str, clients: usize) -> Settings {
-    let mut settings = Settings::default();
-    settings.grpc.host = [127, 0, 0, 1].into();
-    settings.grpc.port = 0;
-    settings.http.host = [127, 0, 0, 1].into();
-    settings.http.port = 0;
-    settings.auth.disabled = true;
-    settings.rate_limit.enabled = false;
-    settings.database.url = SecretString::from(url.to_owned());
+    let mut settings = common::server_settings(url, model_dir);
     settings.database.max_connections = clients as u32 + 4;
-    settings.embedding.model_dir = model_dir.into();
-    settings.log.format = LogFormat::Pretty;
-    // No load balancer routes to a bench server: stop without the drain.
-    settings.shutdown.drain_delay_ms = 0;
     settings
 }
 

@@ -6,12 +6,75 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use datastorage::{
+    config::{LogFormat, Settings},
+    proto::v1 as pb,
+};
 use hdrhistogram::Histogram;
+use secrecy::SecretString;
 
 pub mod load;
 
 /// The `source` of seeded events: the caller a server with `auth.disabled` records.
 pub const BENCH_SOURCE: &str = "anonymous";
+
+/// A bench server's settings: loopback on ephemeral ports, no
+/// authentication and no rate limit (the load is the bench's own), pretty
+/// logs, and no shutdown drain (no load balancer routes to it).
+pub fn server_settings(url: &str, model_dir: &str) -> Settings {
+    let mut settings = Settings::default();
+    settings.grpc.host = [127, 0, 0, 1].into();
+    settings.grpc.port = 0;
+    settings.http.host = [127, 0, 0, 1].into();
+    settings.http.port = 0;
+    settings.auth.disabled = true;
+    settings.rate_limit.enabled = false;
+    settings.database.url = SecretString::from(url.to_owned());
+    settings.embedding.model_dir = model_dir.into();
+    settings.log.format = LogFormat::Pretty;
+    settings.shutdown.drain_delay_ms = 0;
+    settings
+}
+
+/// An event of incident `rr` (correlation id `corr-<rr>`) that happened a
+/// minute ago in cluster `prod`.
+pub fn recent_event(rr: String, namespace: String, payload: pb::audit_event::Payload) -> pb::AuditEvent {
+    pb::AuditEvent {
+        correlation_id: format!("corr-{rr}"),
+        remediation_request_id: rr,
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: Utc::now().timestamp() - 60,
+            nanos: 0,
+        }),
+        namespace,
+        cluster: "prod".into(),
+        labels: Default::default(),
+        parent_event_id: String::new(),
+        payload: Some(payload),
+    }
+}
+
+/// A recent HighMemoryUsage remediation event of incident `rr` in namespace
+/// `payments`; `message` is its text.
+pub fn remediation_event(rr: String, message: String) -> pb::AuditEvent {
+    recent_event(
+        rr,
+        "payments".into(),
+        pb::audit_event::Payload::Remediation(pb::RemediationAudit {
+            signal_type: "prometheus-alert".into(),
+            signal_name: "HighMemoryUsage".into(),
+            severity: pb::Severity::Critical as i32,
+            target: Some(pb::ResourceRef {
+                kind: "Deployment".into(),
+                name: "api".into(),
+                namespace: "payments".into(),
+            }),
+            phase: pb::Phase::Processing as i32,
+            message,
+            ..Default::default()
+        }),
+    )
+}
 
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)

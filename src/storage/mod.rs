@@ -45,6 +45,9 @@ pub enum DatabaseState {
     MigrationsPending,
 }
 
+/// Tries at creating a month's partitions when deadlocks pick them as victim.
+const PARTITION_ATTEMPTS: usize = 5;
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A registered embedding model: its row id is what embeddings and indexes refer to.
@@ -216,11 +219,26 @@ impl Storage {
             }
         }
         for (month, at) in missing {
-            sqlx::query("SELECT ensure_audit_partitions($1)")
-                .bind(at)
-                .execute(&self.pool)
-                .await
-                .map_err(CoreError::database)?;
+            // Creating a partition locks the parent tables exclusively, events
+            // first; a statement that already holds the embeddings parent and
+            // waits for the events one (a search, the vector indexer) makes a
+            // deadlock, and PostgreSQL may pick this side. It is idempotent:
+            // try again.
+            let mut attempt = 1;
+            loop {
+                match sqlx::query("SELECT ensure_audit_partitions($1)")
+                    .bind(at)
+                    .execute(&self.pool)
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(error) if CoreError::is_retryable_conflict(&error) && attempt < PARTITION_ATTEMPTS => {
+                        tracing::info!(%error, attempt, "creating a month's partitions conflicted; retrying");
+                        attempt += 1;
+                    }
+                    Err(error) => return Err(CoreError::database(error)),
+                }
+            }
             self.known_partitions
                 .lock()
                 .expect("partition cache lock")

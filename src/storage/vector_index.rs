@@ -30,6 +30,15 @@ impl Storage {
     /// meantime is dropped (its month's partition may be gone). Returns how
     /// many rows left the fresh segment.
     pub async fn index_fresh_embeddings(&self, limit: usize) -> Result<u64, CoreError> {
+        // Most polls find nothing: ask first, touching only the small table,
+        // so an idle indexer takes no locks on the partitioned ones.
+        let waiting: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM fresh_embeddings)")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(CoreError::database)?;
+        if !waiting {
+            return Ok(0);
+        }
         let (moved,): (i64,) = sqlx::query_as(
             "WITH moved AS ( \
                  DELETE FROM fresh_embeddings f \

@@ -15,7 +15,9 @@
 //!    with as many EXECUTEs of the same prepared statement with the same
 //!    parameters in one long-lived psql (`\timing`, so psql start-up is not
 //!    in the figures), then the statement's EXPLAIN (ANALYZE, BUFFERS).
-//! 4. With BENCH_BREAKDOWN=1, where the service's time goes: the Storage
+//! 4. The gRPC floor: a health Check on the same channel, the cost of any
+//!    RPC before its statement, and each query's ratio with it taken off.
+//! 5. With BENCH_BREAKDOWN=1, where the service's time goes: the Storage
 //!    call in-process, with and without sqlx's ping before each acquire.
 //!
 //! Timings are reported, never asserted.
@@ -1158,6 +1160,25 @@ async fn run_pass<'a>(
     Ok(results)
 }
 
+/// The latency of a call that does no work: what transport, HTTP/2 and the
+/// middleware cost any RPC, measured where the IncidentQuery calls were.
+async fn grpc_floor(channel: Channel, iterations: usize) -> anyhow::Result<Histogram<u64>> {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = || tonic_health::pb::HealthCheckRequest {
+        service: "datastorage.v1.IncidentQuery".into(),
+    };
+    for _ in 0..iterations.clamp(1, 10) {
+        health.check(request()).await?;
+    }
+    let mut floor = histogram();
+    for _ in 0..iterations {
+        let started = Instant::now();
+        health.check(request()).await?;
+        floor.record(micros(started.elapsed())).unwrap();
+    }
+    Ok(floor)
+}
+
 fn print_table(results: &[(&Case, Figures)]) {
     println!("\n| query | service p50 ms | service p99 ms | plain SQL p50 ms | plain SQL p99 ms | ratio (p50) |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -1571,6 +1592,25 @@ async fn main() -> anyhow::Result<()> {
     );
     let results = run_pass(&mut client, &cases, &ids, &psql_bin, &url, &pgoptions).await?;
     print_table(&results);
+    let floor = grpc_floor(channel.clone(), iterations).await?;
+    println!(
+        "\ngRPC floor: grpc.health.v1.Health/Check on the same channel and server (through the same middleware, no \
+         database), {iterations} calls: p50 {:.2} ms, p99 {:.2} ms. Every RPC pays it on top of its statement; the \
+         table below subtracts it.\n",
+        ms(&floor, 0.5),
+        ms(&floor, 0.99)
+    );
+    println!("| query | service p50 - floor ms | plain SQL p50 ms | ratio without the floor |");
+    println!("|---|---:|---:|---:|");
+    for (case, f) in &results {
+        let beyond = (ms(&f.service, 0.5) - ms(&floor, 0.5)).max(0.0);
+        println!(
+            "| {} | {beyond:.2} | {:.2} | {:.2}x |",
+            case.name,
+            ms(&f.sql, 0.5),
+            beyond / ms(&f.sql, 0.5)
+        );
+    }
 
     println!(
         "\nPlans (EXPLAIN (ANALYZE, BUFFERS) of each plain statement, first iteration's parameters, after the timed \

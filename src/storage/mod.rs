@@ -113,6 +113,11 @@ fn lazy_pool(
         ("hnsw.iterative_scan", search.iterative_scan.as_sql().to_owned()),
         ("hnsw.max_scan_tuples", search.max_scan_tuples.to_string()),
     ]);
+    // sqlx pings a connection before handing it out (test_before_acquire,
+    // its default), inside the acquire timeout. That ping is what fails a
+    // call fast when the server stalls: without it the statement itself
+    // would wait on a dead socket until the caller's deadline
+    // (tests/api/database_faults.rs). It costs a round trip per call.
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(acquire_timeout)
@@ -156,20 +161,28 @@ impl Storage {
     /// Whether this build can serve from the database now: PostgreSQL
     /// answers within the pool's acquire timeout, and every migration this
     /// build knows is applied (a newer replica may have applied more).
+    ///
+    /// The whole probe is bounded, not just the acquire: a connection handed
+    /// out by the pool may belong to a server that has since stalled
+    /// (stopped, swapping, its disk hung), and it would hold the probe, and
+    /// readiness with it, until the kernel gives up on the socket.
     pub async fn probe(&self) -> DatabaseState {
         let latest_known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-        let applied: Result<i64, _> =
-            sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&self.pool)
-                .await;
+        let bound = self.pool.options().get_acquire_timeout() * 2;
+        let applied = tokio::time::timeout(
+            bound,
+            sqlx::query_scalar::<_, i64>("SELECT coalesce(max(version), 0) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool),
+        )
+        .await;
         match applied {
-            Ok(version) if version >= latest_known => DatabaseState::Ready,
-            Ok(_) => DatabaseState::MigrationsPending,
+            Ok(Ok(version)) if version >= latest_known => DatabaseState::Ready,
+            Ok(Ok(_)) => DatabaseState::MigrationsPending,
             // No migrations table yet is a schema behind, not an outage.
-            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => {
+            Ok(Err(sqlx::Error::Database(error))) if error.code().as_deref() == Some("42P01") => {
                 DatabaseState::MigrationsPending
             }
-            Err(_) => DatabaseState::Unreachable,
+            Ok(Err(_)) | Err(_) => DatabaseState::Unreachable,
         }
     }
 

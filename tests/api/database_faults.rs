@@ -1,10 +1,28 @@
-//! A database that refuses writes (read-only, as a primary demoted or a
-//! disk-full guard would make it) answers UNAVAILABLE with RetryInfo, stores
-//! nothing, keeps reads working, and is written to again once it accepts
-//! writes.
-use datastorage::proto::v1 as pb;
+//! Database faults short of an outage. A database that refuses writes
+//! (read-only, as a primary demoted or a disk-full guard would make it)
+//! answers UNAVAILABLE with RetryInfo, stores nothing, keeps reads working,
+//! and is written to again once it accepts writes. A database that stops
+//! answering altogether fails calls fast instead of holding them until
+//! their deadline, and the service serves again by itself when it answers.
+use std::{
+    net::{SocketAddr, ToSocketAddrs},
+    time::{Duration, Instant},
+};
+
+use datastorage::proto::v1::{
+    self as pb, audit_write_client::AuditWriteClient, incident_query_client::IncidentQueryClient,
+};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpListener, TcpStream,
+    },
+    sync::watch,
+};
 use tonic::Code;
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 use tonic_types::StatusExt;
 
 use crate::helpers::*;
@@ -87,4 +105,183 @@ async fn a_read_only_database_is_unavailable_for_writes_and_stores_nothing() {
     }
     assert!(written, "writes work again once the database takes them");
     assert_eq!(app.count("audit_events").await, 2);
+}
+
+/// A TCP proxy between the service and PostgreSQL that can stop passing
+/// bytes while keeping every connection open. To the service this is a
+/// database that accepted its connections and then stopped answering: a
+/// stopped or swapping server, a hung disk.
+struct StallingProxy {
+    port: u16,
+    stalled: watch::Sender<bool>,
+}
+
+impl StallingProxy {
+    async fn start(upstream: SocketAddr) -> StallingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stalled, watching) = watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(Self::pass(client_read, server_write, watching.clone()));
+                tokio::spawn(Self::pass(server_read, client_write, watching.clone()));
+            }
+        });
+        StallingProxy { port, stalled }
+    }
+
+    /// Copies bytes one way, holding them while stalled.
+    async fn pass(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut stalled: watch::Receiver<bool>) {
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            let read = match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => read,
+            };
+            if stalled.wait_for(|stalled| !*stalled).await.is_err() {
+                break;
+            }
+            if to.write_all(&buffer[..read]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    fn url_for(&self, database_url: &str) -> String {
+        let (credentials_and_host, database) = database_url.rsplit_once('/').unwrap();
+        let (credentials, _) = credentials_and_host.rsplit_once('@').unwrap();
+        format!("{credentials}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+}
+
+fn upstream_of(database_url: &str) -> SocketAddr {
+    let (credentials_and_host, _) = database_url.rsplit_once('/').unwrap();
+    let (_, host) = credentials_and_host.rsplit_once('@').unwrap();
+    host.to_socket_addrs().unwrap().next().unwrap()
+}
+
+async fn incident_query_health(app: &TestApp) -> ServingStatus {
+    HealthClient::new(app.channel().await)
+        .check(HealthCheckRequest {
+            service: "datastorage.v1.IncidentQuery".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+async fn health_becomes(app: &TestApp, wanted: ServingStatus, within: Duration) {
+    let started = Instant::now();
+    while incident_query_health(app).await != wanted {
+        assert!(
+            started.elapsed() < within,
+            "health did not become {wanted:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn keyed_write(rrid: &str) -> pb::WriteAuditRequest {
+    pb::WriteAuditRequest {
+        request_id: format!("stall-{rrid}"),
+        ..write(remediation_event(rrid))
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_database_fails_calls_fast_turns_not_serving_and_recovers() {
+    const CALLER_DEADLINE: Duration = Duration::from_secs(10);
+    const ACQUIRE_TIMEOUT_MS: u64 = 500;
+    let direct = fresh_database().await;
+    let proxy = StallingProxy::start(upstream_of(&direct)).await;
+    let mut settings = test_settings(proxy.url_for(&direct));
+    settings.database.acquire_timeout_ms = ACQUIRE_TIMEOUT_MS;
+    settings.database.max_connections = 4;
+    let app = spawn_with_settings(settings, local_model()).await;
+    let mut audit = app.audit_client().await;
+    audit
+        .write_audit(keyed_write("rr-before-stall"))
+        .await
+        .expect("served before the stall");
+    health_becomes(&app, ServingStatus::Serving, Duration::from_secs(5)).await;
+
+    proxy.stall(true);
+    // More calls than connections: the pool is exhausted as well as stalled.
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..12 {
+        let channel = app.channel().await;
+        calls.spawn(async move {
+            let started = Instant::now();
+            let code = if n % 2 == 0 {
+                let mut request = tonic::Request::new(keyed_write(&format!("rr-stalled-{n}")));
+                request.set_timeout(CALLER_DEADLINE);
+                AuditWriteClient::new(channel).write_audit(request).await.map(|_| ())
+            } else {
+                let mut request = tonic::Request::new(pb::GetIncidentRequest {
+                    key: Some(pb::get_incident_request::Key::RemediationRequestId(
+                        "rr-before-stall".into(),
+                    )),
+                });
+                request.set_timeout(CALLER_DEADLINE);
+                IncidentQueryClient::new(channel)
+                    .get_incident(request)
+                    .await
+                    .map(|_| ())
+            }
+            .map_err(|status| status.code());
+            (code, started.elapsed())
+        });
+    }
+    while let Some(answer) = calls.join_next().await {
+        let (outcome, took) = answer.unwrap();
+        assert_eq!(
+            outcome,
+            Err(Code::Unavailable),
+            "a stalled database answers UNAVAILABLE"
+        );
+        // Failing at the pool's acquire timeout, long before the caller's deadline.
+        assert!(took < Duration::from_secs(4), "the call waited {took:?}");
+    }
+    health_becomes(&app, ServingStatus::NotServing, Duration::from_secs(5)).await;
+
+    proxy.stall(false);
+    health_becomes(&app, ServingStatus::Serving, Duration::from_secs(10)).await;
+    // The callers retry their refused writes with the same request ids.
+    for n in (0..12).step_by(2) {
+        let mut retried = None;
+        for _ in 0..3 {
+            retried = Some(audit.write_audit(keyed_write(&format!("rr-stalled-{n}"))).await);
+            if retried.as_ref().unwrap().is_ok() {
+                break;
+            }
+        }
+        retried
+            .unwrap()
+            .expect("the write goes through once the database answers");
+    }
+    let direct_pool = sqlx::PgPool::connect(&direct).await.unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events")
+        .fetch_one(&direct_pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored, 7,
+        "each write stored once: the one before the stall and six retried"
+    );
+    let incidents: i64 = sqlx::query_scalar("SELECT count(*) FROM incidents")
+        .fetch_one(&direct_pool)
+        .await
+        .unwrap();
+    assert_eq!(incidents, 7);
 }

@@ -1,6 +1,7 @@
 //! JobStatus across replicas with the Redis job store: a job started on one
 //! server is watched and read on another, a Redis outage fails job RPCs but
-//! never a write, and a job left by a crashed replica is taken over. Each
+//! never a write, nor does a Redis flapping under load, and a job left by a
+//! crashed replica is taken over. Each
 //! test has a key prefix (or a redis-server) of its own.
 use std::{
     future::Future,
@@ -343,6 +344,146 @@ async fn a_job_left_by_a_crashed_replica_is_taken_over() {
             .into_inner()
             .jobs;
         assert_eq!(listed.len(), 1, "taken over, not started again: {listed:?}");
+    })
+    .await;
+}
+
+/// What the load saw while Redis flapped.
+#[derive(Default)]
+struct FlapLoad {
+    acknowledged: usize,
+    failed: Vec<String>,
+}
+
+#[tokio::test]
+async fn a_flapping_redis_under_load_costs_no_write_or_query() {
+    const FLAPS: usize = 4;
+    let port = PrivateRedis::free_port();
+    let mut redis = Some(PrivateRedis::start(port).await);
+    let database = fresh_database().await;
+    let mut settings = replica_settings(&database, &format!("redis://127.0.0.1:{port}"), "ds-flap");
+    // Every Redis user on the call path: the shared embedding cache, the
+    // shared rate limit, the job store.
+    settings.rate_limit.enabled = true;
+    settings.rate_limit.shared = true;
+    settings.rate_limit.requests_per_second = 10_000;
+    settings.rate_limit.burst = 10_000;
+    let app = spawn_with_settings(settings, local_model()).await;
+    let jobs = jobs_client(&app).await;
+    let started = jobs.clone().start_job(backfill()).await.unwrap().into_inner();
+
+    let flapping = Arc::new(AtomicBool::new(true));
+    let mut load = tokio::task::JoinSet::new();
+    for writer in 0..3 {
+        let (channel, flapping) = (app.channel().await, flapping.clone());
+        load.spawn(async move {
+            let mut client = pb::audit_write_client::AuditWriteClient::new(channel);
+            let mut seen = FlapLoad::default();
+            let mut n = 0;
+            while flapping.load(Ordering::Relaxed) {
+                // A new text each time: the in-process cache misses, so every
+                // write asks the shared cache in Redis, then the model.
+                let rrid = format!("rr-flap-{writer}-{n}");
+                let mut event = remediation_event(&rrid);
+                if let Some(pb::audit_event::Payload::Remediation(remediation)) = event.payload.as_mut() {
+                    remediation.message = format!("container api OOMKilled: memory limit {writer}{n}Mi exceeded");
+                }
+                let mut request = write(event);
+                request.request_id = rrid;
+                match client.write_audit(request).await {
+                    Ok(_) => seen.acknowledged += 1,
+                    Err(status) => seen.failed.push(format!("WriteAudit: {status:?}")),
+                }
+                n += 1;
+            }
+            seen
+        });
+    }
+    {
+        let (channel, flapping) = (app.channel().await, flapping.clone());
+        load.spawn(async move {
+            let mut incidents = pb::incident_query_client::IncidentQueryClient::new(channel.clone());
+            let mut search = pb::vector_search_client::VectorSearchClient::new(channel);
+            let mut seen = FlapLoad::default();
+            while flapping.load(Ordering::Relaxed) {
+                if let Err(status) = incidents.list_incidents(pb::ListIncidentsRequest::default()).await {
+                    seen.failed.push(format!("ListIncidents: {status:?}"));
+                }
+                let request = pb::SearchSimilarRequest {
+                    query: Some(pb::search_similar_request::Query::Text(
+                        "pod restarted after OOM".into(),
+                    )),
+                    ..Default::default()
+                };
+                if let Err(status) = search.search_similar(request).await {
+                    seen.failed.push(format!("SearchSimilar: {status:?}"));
+                }
+            }
+            seen
+        });
+    }
+    // Job RPCs may be refused while Redis is down, but only as UNAVAILABLE,
+    // and no slower than the Redis command timeout allows.
+    let job_probe = {
+        let (mut jobs, flapping, id) = (jobs.clone(), flapping.clone(), started.id.clone());
+        tokio::spawn(async move {
+            let mut codes = Vec::new();
+            while flapping.load(Ordering::Relaxed) {
+                let asked = std::time::Instant::now();
+                let code = jobs
+                    .get_job(pb::GetJobRequest { id: id.clone() })
+                    .await
+                    .map_or_else(|status| status.code(), |_| Code::Ok);
+                codes.push((code, asked.elapsed()));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            codes
+        })
+    };
+
+    for _ in 0..FLAPS {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        redis.take().unwrap().kill();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(overall_health(&app).await, Some(ServingStatus::Serving));
+        redis = Some(PrivateRedis::start(port).await);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    flapping.store(false, Ordering::Relaxed);
+
+    let mut acknowledged = 0;
+    let mut failed = Vec::new();
+    while let Some(seen) = load.join_next().await {
+        let seen = seen.unwrap();
+        acknowledged += seen.acknowledged;
+        failed.extend(seen.failed);
+    }
+    assert!(
+        failed.is_empty(),
+        "Redis is no dependency of writes or queries: {failed:#?}"
+    );
+    assert!(acknowledged >= 10, "the load ran: {acknowledged} writes");
+    eprintln!("{acknowledged} writes acknowledged while Redis flapped {FLAPS} times");
+    let codes = job_probe.await.unwrap();
+    for (code, took) in &codes {
+        assert!(
+            matches!(code, Code::Ok | Code::Unavailable | Code::NotFound),
+            "job RPCs: OK, or UNAVAILABLE while Redis is down; got {code:?}"
+        );
+        assert!(*took < Duration::from_secs(3), "a job RPC took {took:?}");
+    }
+    assert!(
+        codes.iter().any(|(code, _)| *code == Code::Unavailable),
+        "the probe saw Redis down: {codes:?}"
+    );
+    assert_eq!(
+        app.count("audit_events").await,
+        acknowledged as i64,
+        "every acknowledged write stored, once"
+    );
+    eventually("StartJob works again", || {
+        let mut jobs = jobs.clone();
+        async move { jobs.start_job(backfill()).await.ok() }
     })
     .await;
 }

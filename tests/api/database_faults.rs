@@ -285,3 +285,140 @@ async fn a_stalled_database_fails_calls_fast_turns_not_serving_and_recovers() {
         .unwrap();
     assert_eq!(incidents, 7);
 }
+
+/// A disk that fills up: a tmpfs of 512 KiB mounted for the test.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounting needs root (and a machine that lets root mount); where it
+    /// is refused the test says so and skips.
+    fn mount() -> Result<SmallDisk, String> {
+        let path = std::env::temp_dir().join(format!("ds-small-disk-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs"])
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !mounted.status.success() {
+            let _ = std::fs::remove_dir(&path);
+            return Err(format!("mount: {}", String::from_utf8_lossy(&mounted.stderr).trim()));
+        }
+        Ok(SmallDisk { path })
+    }
+
+    /// Makes the disk a tablespace of `cluster`, named `small_disk`.
+    async fn attach(&self, cluster: &PrivatePostgres, database: &mut PgConnection) {
+        use std::os::unix::fs::MetadataExt;
+        let server_uid = std::fs::metadata(&cluster.datadir).unwrap().uid();
+        std::os::unix::fs::chown(&self.path, Some(server_uid), None).unwrap();
+        // The path is made above, not taken from input.
+        database
+            .execute(AssertSqlSafe(format!(
+                "CREATE TABLESPACE small_disk LOCATION '{}'",
+                self.path.display()
+            )))
+            .await
+            .unwrap();
+    }
+
+    /// Fills the disk with a table until PostgreSQL says it is full. The
+    /// rows are committed, so no vacuum gives the space back.
+    async fn fill(&self, database: &mut PgConnection) {
+        database
+            .execute(
+                "CREATE TABLE filler (pad text) WITH (autovacuum_enabled = false) TABLESPACE small_disk; \
+                 ALTER TABLE filler ALTER COLUMN pad SET STORAGE PLAIN",
+            )
+            .await
+            .unwrap();
+        for _ in 0..1000 {
+            match database
+                .execute("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 50)")
+                .await
+            {
+                Ok(_) => continue,
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("53100") => return,
+                Err(other) => panic!("filling the small disk: {other}"),
+            }
+        }
+        panic!("the small disk never filled");
+    }
+}
+
+impl Drop for SmallDisk {
+    /// Runs after the cluster using it has stopped (it is declared before
+    /// the cluster): a tablespace unmounted under a running server makes its
+    /// next checkpoint PANIC.
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.path).output();
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// On a cluster of its own: a full disk must not reach the cluster the
+/// other tests share.
+#[tokio::test]
+async fn a_full_disk_is_unavailable_for_writes_and_stores_nothing() {
+    let disk = match SmallDisk::mount() {
+        Ok(disk) => disk,
+        Err(reason) => {
+            eprintln!("SKIPPED a_full_disk_is_unavailable_for_writes_and_stores_nothing: {reason}");
+            return;
+        }
+    };
+    let cluster = PrivatePostgres::start();
+    let pool = sqlx::PgPool::connect(&cluster.url()).await.unwrap();
+    datastorage::storage::MIGRATOR.run(&pool).await.unwrap();
+    pool.close().await;
+    let mut database = PgConnection::connect(&cluster.url()).await.unwrap();
+    disk.attach(&cluster, &mut database).await;
+    // New embeddings go to the fresh segment, empty here: a write must
+    // extend it on the full disk.
+    database
+        .execute("ALTER TABLE fresh_embeddings SET TABLESPACE small_disk")
+        .await
+        .unwrap();
+    disk.fill(&mut database).await;
+
+    let app = spawn_with_settings(test_settings(cluster.url()), local_model()).await;
+    let mut audit = app.audit_client().await;
+    let refused = audit
+        .write_audit(write(remediation_event("rr-disk-full")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.get_details_retry_info().is_some(), "{refused:?}");
+    assert!(
+        !refused.message().contains("No space left") && !refused.message().contains("could not extend"),
+        "no server internals: {refused:?}"
+    );
+    let batch = audit
+        .batch_write_audit(pb::BatchWriteAuditRequest {
+            requests: vec![
+                write(remediation_event("rr-full-1")),
+                write(remediation_event("rr-full-2")),
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(batch.code(), Code::Unavailable, "{batch:?}");
+    assert_eq!(app.count("audit_events").await, 0, "nothing partial was stored");
+    assert_eq!(app.count("incidents").await, 0);
+    assert_eq!(app.count("stored_embeddings").await, 0);
+    app.incident_query_client()
+        .await
+        .list_incidents(pb::ListIncidentsRequest::default())
+        .await
+        .expect("reads keep working");
+
+    database.execute("DROP TABLE filler").await.unwrap();
+    audit
+        .write_audit(write(remediation_event("rr-disk-freed")))
+        .await
+        .expect("writes work again once there is space");
+    assert_eq!(app.count("audit_events").await, 1);
+    assert_eq!(app.count("stored_embeddings").await, 1);
+}

@@ -1,4 +1,7 @@
 use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::Command,
     sync::{Arc, OnceLock},
     time::Duration,
 };
@@ -265,5 +268,58 @@ impl SplitMix {
         for i in (1..items.len()).rev() {
             items.swap(i, self.below(i + 1));
         }
+    }
+}
+
+/// A PostgreSQL cluster of a test's own, in a temporary directory, started
+/// and stopped with the project's scripts/pg.sh: for faults that must not
+/// reach the cluster other tests share.
+pub struct PrivatePostgres {
+    pub datadir: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> PrivatePostgres {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let datadir = std::env::temp_dir().join(format!("ds-private-pg-{}", uuid::Uuid::new_v4().simple()));
+        let cluster = PrivatePostgres { datadir, port };
+        cluster.pg(&["start", cluster.datadir.to_str().unwrap(), &port.to_string()]);
+        cluster
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://datastorage:datastorage@127.0.0.1:{}/datastorage", self.port)
+    }
+
+    fn pg(&self, args: &[&str]) {
+        let output = Command::new("bash")
+            .arg(repo_dir().join("scripts/pg.sh"))
+            .args(args)
+            .output()
+            .expect("bash runs");
+        assert!(
+            output.status.success(),
+            "pg.sh {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    pub fn stop(&self) {
+        self.pg(&["stop", self.datadir.to_str().unwrap()]);
+    }
+
+    pub fn restart(&self) {
+        self.pg(&["start", self.datadir.to_str().unwrap(), &self.port.to_string()]);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo_dir().join("scripts/pg.sh"))
+            .args(["stop", self.datadir.to_str().unwrap()])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.datadir);
     }
 }

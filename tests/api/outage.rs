@@ -4,9 +4,6 @@
 //! acknowledged event is stored exactly once with an intact chain.
 use std::{
     collections::HashMap,
-    net::TcpListener,
-    path::PathBuf,
-    process::Command,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -24,60 +21,11 @@ use fred::interfaces::{ClientLike, StreamsInterface};
 use tonic::Code;
 
 use crate::{
-    helpers::{local_model, remediation_event, repo_dir, spawn_app_with, spawn_with_settings, test_settings, write},
+    helpers::{
+        local_model, remediation_event, spawn_app_with, spawn_with_settings, test_settings, write, PrivatePostgres,
+    },
     job_store::{delete_keys, redis_settings, redis_url, unique_prefix},
 };
-
-/// A PostgreSQL cluster of this test's own, in a temporary directory.
-struct PrivatePostgres {
-    datadir: PathBuf,
-    port: u16,
-}
-
-impl PrivatePostgres {
-    fn start() -> PrivatePostgres {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let datadir = std::env::temp_dir().join(format!("ds-outage-pg-{}", uuid::Uuid::new_v4().simple()));
-        let cluster = PrivatePostgres { datadir, port };
-        cluster.pg(&["start", cluster.datadir.to_str().unwrap(), &port.to_string()]);
-        cluster
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://datastorage:datastorage@127.0.0.1:{}/datastorage", self.port)
-    }
-
-    fn pg(&self, args: &[&str]) {
-        let output = Command::new("bash")
-            .arg(repo_dir().join("scripts/pg.sh"))
-            .args(args)
-            .output()
-            .expect("bash runs");
-        assert!(
-            output.status.success(),
-            "pg.sh {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    fn stop(&self) {
-        self.pg(&["stop", self.datadir.to_str().unwrap()]);
-    }
-
-    fn restart(&self) {
-        self.pg(&["start", self.datadir.to_str().unwrap(), &self.port.to_string()]);
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo_dir().join("scripts/pg.sh"))
-            .args(["stop", self.datadir.to_str().unwrap()])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.datadir);
-    }
-}
 
 fn queue_settings(database_url: String, prefix: &str) -> Settings {
     let mut settings = test_settings(database_url);

@@ -113,14 +113,15 @@ fn lazy_pool(
         ("hnsw.iterative_scan", search.iterative_scan.as_sql().to_owned()),
         ("hnsw.max_scan_tuples", search.max_scan_tuples.to_string()),
     ]);
-    // sqlx pings a connection before handing it out (test_before_acquire,
-    // its default), inside the acquire timeout. That ping is what fails a
-    // call fast when the server stalls: without it the statement itself
-    // would wait on a dead socket until the caller's deadline
-    // (tests/api/database_faults.rs). It costs a round trip per call.
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(acquire_timeout)
+        // The ping before a connection is handed out runs inside the acquire
+        // timeout. It is what fails a call fast when the server stalls:
+        // without it the statement itself would wait on a silent socket
+        // until the caller's deadline (tests/api/database_faults.rs). It
+        // costs a round trip per call (docs/performance.md).
+        .test_before_acquire(true)
         .connect_lazy_with(options))
 }
 
@@ -162,10 +163,11 @@ impl Storage {
     /// answers within the pool's acquire timeout, and every migration this
     /// build knows is applied (a newer replica may have applied more).
     ///
-    /// The whole probe is bounded, not just the acquire: a connection handed
-    /// out by the pool may belong to a server that has since stalled
-    /// (stopped, swapping, its disk hung), and it would hold the probe, and
-    /// readiness with it, until the kernel gives up on the socket.
+    /// The whole probe is bounded, not just the acquire: a server that
+    /// stalls after the ping (stopped, swapping, its disk hung) still has
+    /// its kernel acknowledge our packets, so nothing would ever end the
+    /// query, and readiness would stay SERVING. The bound allows the acquire
+    /// its full timeout and the query as long again.
     pub async fn probe(&self) -> DatabaseState {
         let latest_known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
         let bound = self.pool.options().get_acquire_timeout() * 2;

@@ -84,7 +84,8 @@ test: dev-up
 # fit in CI time, so `make test` runs them as well.
 test-faults: dev-up
 	$(TEST_ENV) cargo test --test faults
-	$(TEST_ENV) cargo test --test api -- database_faults:: hostile:: provider_faults:: outage:: jobs_redis::a_flapping
+	$(TEST_ENV) cargo test --test api -- database_faults:: hostile:: provider_faults:: outage:: jobs_redis::a_flapping \
+	  jobs_redis::redis_outage job_store::redis_only::the_store_fails_fast
 
 # Fuzz targets (proptest; cargo-fuzz needs a nightly toolchain): protobuf
 # decode -> validation -> domain types, page tokens, filter building. `cargo

@@ -644,12 +644,33 @@ pub mod redis_only {
             // Built first, so that giving up below stops the process too.
             let redis = PrivateRedis { port, process };
             for _ in 0..250 {
-                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                if redis.answers_as_itself().await {
                     return redis;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             panic!("redis-server did not listen on {port}");
+        }
+
+        /// Whether the server on the port is this process, not whatever
+        /// took the port meanwhile (a restart reuses a freed port).
+        async fn answers_as_itself(&self) -> bool {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(mut connection) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+                return false;
+            };
+            if connection
+                .write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            let mut reply = vec![0u8; 16 * 1024];
+            let Ok(Ok(read)) = tokio::time::timeout(Duration::from_secs(1), connection.read(&mut reply)).await else {
+                return false;
+            };
+            String::from_utf8_lossy(&reply[..read]).contains(&format!("process_id:{}\r\n", self.process.id()))
         }
 
         pub fn url(&self) -> String {

@@ -1,8 +1,8 @@
 //! JobStatus across replicas with the Redis job store: a job started on one
 //! server is watched and read on another, a Redis outage fails job RPCs but
 //! never a write, nor does a Redis flapping under load, and a job left by a
-//! crashed replica is taken over. Each
-//! test has a key prefix (or a redis-server) of its own.
+//! crashed replica is taken over. Each test has a key prefix (or a
+//! redis-server) of its own.
 use std::{
     future::Future,
     sync::{

@@ -45,8 +45,18 @@ pub enum DatabaseState {
     MigrationsPending,
 }
 
-/// Tries at creating a month's partitions when deadlocks pick them as victim.
-const PARTITION_ATTEMPTS: usize = 5;
+/// Tries at creating a month's partitions while readers hold the parents;
+/// with the pauses, about 4 s of trying before the write is UNAVAILABLE.
+const PARTITION_ATTEMPTS: usize = 12;
+const PARTITION_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+/// The partition function's lock wait ran out (55P03), or a deadlock
+/// picked it (possible against a database not yet migrated to the bounded
+/// wait).
+fn is_lock_contention(error: &sqlx::Error) -> bool {
+    CoreError::is_retryable_conflict(error)
+        || matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -234,11 +244,11 @@ impl Storage {
             }
         }
         for (month, at) in missing {
-            // Creating a partition locks the parent tables exclusively, events
-            // first; a statement that already holds the embeddings parent and
-            // waits for the events one (a search, the vector indexer) makes a
-            // deadlock, and PostgreSQL may pick this side. It is idempotent:
-            // try again.
+            // Creating a partition locks the parent tables exclusively. The
+            // function gives up on a lock after 100 ms rather than deadlock
+            // with a search or the indexer holding the other parent
+            // (migration partition_lock_timeout), so that the reader is
+            // never the victim; it is idempotent, so try again shortly.
             let mut attempt = 1;
             loop {
                 match sqlx::query("SELECT ensure_audit_partitions($1)")
@@ -247,9 +257,16 @@ impl Storage {
                     .await
                 {
                     Ok(_) => break,
-                    Err(error) if CoreError::is_retryable_conflict(&error) && attempt < PARTITION_ATTEMPTS => {
-                        tracing::info!(%error, attempt, "creating a month's partitions conflicted; retrying");
+                    Err(error) if is_lock_contention(&error) && attempt < PARTITION_ATTEMPTS => {
+                        tracing::info!(%error, attempt, "creating a month's partitions waited on readers; retrying");
+                        tokio::time::sleep(PARTITION_RETRY_PAUSE * attempt as u32).await;
                         attempt += 1;
+                    }
+                    Err(error) if is_lock_contention(&error) => {
+                        return Err(CoreError::Unavailable {
+                            what: "database",
+                            source: anyhow::Error::new(error).context("a new month's partitions stayed locked out"),
+                        })
                     }
                     Err(error) => return Err(CoreError::database(error)),
                 }

@@ -4,6 +4,10 @@
 //! text tests use the real local model (all-MiniLM-L6-v2).
 use std::{
     collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::Instant,
 };
 
@@ -1827,4 +1831,52 @@ async fn events_the_vector_index_cannot_reach_are_still_found() {
     request.group_by_incident = true;
     request.top_k = 60;
     assert_eq!(hits(&mut client, request).await.len(), 60, "60 distinct incidents");
+}
+
+/// Creating a month's partitions takes exclusive locks on the parent
+/// tables, and a search holds a share lock on one parent while it waits for
+/// the other; PostgreSQL broke such deadlocks by failing the search.
+#[tokio::test]
+async fn searches_never_fail_while_new_months_are_partitioned() {
+    const MONTHS: i64 = 18;
+    let app = spawn_app().await;
+    let mut audit = app.audit_client().await;
+    audit.write_audit(write(remediation_event("rr-month-0"))).await.unwrap();
+    let writing = Arc::new(AtomicBool::new(true));
+    let mut searchers = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (mut client, writing) = (app.search_client().await, writing.clone());
+        searchers.spawn(async move {
+            let mut failures = Vec::new();
+            while writing.load(Ordering::Relaxed) {
+                let mut request = by_text("container OOMKilled");
+                request.filter = Some(pb::IncidentFilter {
+                    namespace: "payments".into(),
+                    ..Default::default()
+                });
+                if let Err(status) = search(&mut client, request).await {
+                    failures.push(status);
+                }
+                if let Err(status) = search(&mut client, by_text("container OOMKilled")).await {
+                    failures.push(status);
+                }
+            }
+            failures
+        });
+    }
+    // Each event falls in an older month, so each write creates partitions.
+    for month in 1..=MONTHS {
+        let mut event = remediation_event(&format!("rr-month-{month}"));
+        event.occurred_at = Some(timestamp_ago(month * 31 * 86_400));
+        audit
+            .write_audit(write(event))
+            .await
+            .expect("the write creates its month");
+    }
+    writing.store(false, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    while let Some(found) = searchers.join_next().await {
+        failures.extend(found.unwrap());
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }

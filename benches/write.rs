@@ -280,9 +280,8 @@ fn server_settings(url: &str, model_dir: &str, clients: usize) -> Settings {
     // This bench compares the write transaction with its plain-SQL twin,
     // which leaves its embeddings in the fresh segment too. With the indexer
     // on, the service's side would also pay, on the same two cores, for
-    // moving every row (the baseline's included) into HNSW: the full run
-    // measured the service at 0.42x that way. Indexing has its own bench
-    // (`ingest`).
+    // moving every row (the baseline's included) into HNSW. Indexing has its
+    // own bench (`ingest`).
     settings.vector_index.indexer = false;
     settings
 }

@@ -22,7 +22,7 @@ use tokio::{
     sync::watch,
 };
 use tonic::Code;
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 use crate::helpers::*;
@@ -170,20 +170,9 @@ fn upstream_of(database_url: &str) -> SocketAddr {
     host.to_socket_addrs().unwrap().next().unwrap()
 }
 
-async fn incident_query_health(app: &TestApp) -> ServingStatus {
-    HealthClient::new(app.channel().await)
-        .check(HealthCheckRequest {
-            service: "datastorage.v1.IncidentQuery".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status()
-}
-
 async fn health_becomes(app: &TestApp, wanted: ServingStatus, within: Duration) {
     let started = Instant::now();
-    while incident_query_health(app).await != wanted {
+    while health_of(app, "datastorage.v1.IncidentQuery").await != wanted {
         assert!(
             started.elapsed() < within,
             "health did not become {wanted:?} within {within:?}"

@@ -323,3 +323,15 @@ impl Drop for PrivatePostgres {
         let _ = std::fs::remove_dir_all(&self.datadir);
     }
 }
+
+/// grpc.health.v1's answer for `service` ("" is the whole server).
+pub async fn health_of(app: &TestApp, service: &str) -> tonic_health::pb::health_check_response::ServingStatus {
+    tonic_health::pb::health_client::HealthClient::new(app.channel().await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}

@@ -22,7 +22,8 @@ use tonic::Code;
 
 use crate::{
     helpers::{
-        local_model, remediation_event, spawn_app_with, spawn_with_settings, test_settings, write, PrivatePostgres,
+        health_of, local_model, remediation_event, spawn_app_with, spawn_with_settings, test_settings, write,
+        PrivatePostgres,
     },
     job_store::{delete_keys, redis_settings, redis_url, unique_prefix},
 };
@@ -36,20 +37,6 @@ fn queue_settings(database_url: String, prefix: &str) -> Settings {
     settings.outage_queue.max_backoff_ms = 200;
     settings.database.acquire_timeout_ms = 500;
     settings
-}
-
-async fn health_of(
-    app: &crate::helpers::TestApp,
-    service: &str,
-) -> tonic_health::pb::health_check_response::ServingStatus {
-    tonic_health::pb::health_client::HealthClient::new(app.channel().await)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status()
 }
 
 #[tokio::test]

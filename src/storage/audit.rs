@@ -55,6 +55,25 @@ impl EmbeddingDecision {
     }
 }
 
+/// The write transaction's statements bind arrays, whose length a custom
+/// plan knows and a generic plan guesses (10 rows for `unnest`), so
+/// PostgreSQL judged the generic plans dearer and planned every statement
+/// on every call: 12% of the machine in a WriteAudit profile
+/// (docs/performance.md). Their plans do not depend on the arrays' length,
+/// so the transaction uses generic ones, planned once per connection.
+///
+/// A generic plan lives as long as the connection or until the next ANALYZE
+/// of its tables, so one made while a table was nearly empty chose to hash a
+/// sequential scan of it (audit_chains, in a fresh database), and kept doing
+/// so as the table grew. Every statement here reaches its rows by key, so
+/// scans are ruled out for the transaction.
+///
+/// Both are sent with BEGIN, in its round trip, and are LOCAL: they end with
+/// the transaction, and the pooled connection's other queries keep their
+/// custom plans.
+const WRITE_TRANSACTION_BEGIN: &str =
+    "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off";
+
 /// Deadlocks and serialization failures are retried this many times in all.
 const MAX_ATTEMPTS: usize = 3;
 
@@ -145,7 +164,7 @@ impl Storage {
         model: &ModelHandle,
         writes: &[PreparedWrite],
     ) -> Result<Vec<WriteReceipt>, TxFailure> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(WRITE_TRANSACTION_BEGIN).await?;
         let mut receipts: Vec<WriteReceipt> = writes
             .iter()
             .map(|w| WriteReceipt {
@@ -169,20 +188,17 @@ impl Storage {
         }
 
         let fresh: Vec<usize> = (0..writes.len()).filter(|&i| !receipts[i].duplicate).collect();
+        let (chains, stored) = ChainHeads::lock(&mut tx, writes, &fresh).await?;
         // An event already stored under its id is a replay of a write whose
         // commit was never acknowledged (the outage queue): it is not written twice.
-        let stored = stored_event_ids(&mut tx, writes, &fresh).await?;
         for &index in &fresh {
             if stored.contains(&writes[index].event_id) {
                 receipts[index].duplicate = true;
             }
         }
         let fresh: Vec<usize> = fresh.into_iter().filter(|&i| !receipts[i].duplicate).collect();
-        let mut chains =
-            ChainHeads::lock(&mut tx, fresh.iter().map(|&i| writes[i].event.correlation_id.as_str())).await?;
         let batch: Vec<(&PreparedWrite, &WriteReceipt)> = fresh.iter().map(|&i| (&writes[i], &receipts[i])).collect();
-        insert_events(&mut tx, source, model, self, &mut chains, &batch).await?;
-        chains.save(&mut tx).await?;
+        insert_events(&mut tx, source, model, self, chains, &batch).await?;
 
         let mut projected = fresh;
         projected.sort_by(|&a, &b| {
@@ -258,53 +274,52 @@ async fn claim_request_id(
     }))
 }
 
-/// Ids among the fresh writes' that are already stored.
-async fn stored_event_ids(
-    tx: &mut Transaction<'_, Postgres>,
-    writes: &[PreparedWrite],
-    fresh: &[usize],
-) -> Result<HashSet<Uuid>, TxFailure> {
-    let ids: Vec<Uuid> = fresh.iter().map(|&i| writes[i].event_id).collect();
-    let ats: Vec<DateTime<Utc>> = fresh.iter().map(|&i| writes[i].event.occurred_at).collect();
-    let found: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT e.id FROM audit_events e JOIN unnest($1::uuid[], $2::timestamptz[]) AS t(id, at) \
-         ON e.id = t.id AND e.occurred_at = t.at",
-    )
-    .bind(&ids)
-    .bind(&ats)
-    .fetch_all(&mut **tx)
-    .await?;
-    Ok(found.into_iter().collect())
-}
-
 /// The heads of the chains a transaction appends to, locked until it ends.
 struct ChainHeads {
     heads: HashMap<String, (i64, Option<Vec<u8>>)>,
 }
 
 impl ChainHeads {
-    /// Locks (creating where new) the heads in correlation-id order.
-    async fn lock<'a>(
+    /// Locks (creating where new) the heads of the writes' chains in
+    /// correlation-id order, and finds which of the writes are already
+    /// stored: one round trip. A stored one's chain is locked too, which
+    /// costs nothing, since a stored event's chain head already exists.
+    async fn lock(
         tx: &mut Transaction<'_, Postgres>,
-        correlation_ids: impl Iterator<Item = &'a str>,
-    ) -> Result<Self, TxFailure> {
-        let mut ids: Vec<&str> = correlation_ids.collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let rows: Vec<(String, i64, Option<Vec<u8>>)> = sqlx::query_as(
-            "INSERT INTO audit_chains (correlation_id, length) SELECT id, 0 FROM unnest($1::text[]) AS id ORDER BY id \
-             ON CONFLICT (correlation_id) DO UPDATE SET length = audit_chains.length \
-             RETURNING correlation_id, length, head_hash",
+        writes: &[PreparedWrite],
+        fresh: &[usize],
+    ) -> Result<(Self, HashSet<Uuid>), TxFailure> {
+        let mut chain_ids: Vec<&str> = fresh.iter().map(|&i| writes[i].event.correlation_id.as_str()).collect();
+        chain_ids.sort_unstable();
+        chain_ids.dedup();
+        let event_ids: Vec<Uuid> = fresh.iter().map(|&i| writes[i].event_id).collect();
+        let ats: Vec<DateTime<Utc>> = fresh.iter().map(|&i| writes[i].event.occurred_at).collect();
+        let rows: Vec<(String, i64, Option<Vec<u8>>, Option<Vec<Uuid>>)> = sqlx::query_as(
+            "WITH heads AS ( \
+                 INSERT INTO audit_chains (correlation_id, length) SELECT id, 0 FROM unnest($1::text[]) AS id ORDER BY id \
+                 ON CONFLICT (correlation_id) DO UPDATE SET length = audit_chains.length \
+                 RETURNING correlation_id, length, head_hash) \
+             SELECT h.correlation_id, h.length, h.head_hash, \
+                    (SELECT array_agg(e.id) FROM audit_events e \
+                     JOIN unnest($2::uuid[], $3::timestamptz[]) AS t(id, at) ON e.id = t.id AND e.occurred_at = t.at) \
+             FROM heads h",
         )
-        .bind(&ids)
+        .bind(&chain_ids)
+        .bind(&event_ids)
+        .bind(&ats)
         .fetch_all(&mut **tx)
         .await?;
-        Ok(ChainHeads {
-            heads: rows
-                .into_iter()
-                .map(|(id, length, hash)| (id, (length, hash)))
-                .collect(),
-        })
+        let stored = rows
+            .first()
+            .and_then(|row| row.3.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let heads = rows
+            .into_iter()
+            .map(|(id, length, hash, _)| (id, (length, hash)))
+            .collect();
+        Ok((ChainHeads { heads }, stored))
     }
 
     /// Appends one event's record; returns its sequence number, previous
@@ -320,7 +335,8 @@ impl ChainHeads {
         (*length, previous, link)
     }
 
-    async fn save(self, tx: &mut Transaction<'_, Postgres>) -> Result<(), TxFailure> {
+    /// The heads as columns for the write statement ($32-$34).
+    fn into_columns(self) -> (Vec<String>, Vec<i64>, Vec<Option<Vec<u8>>>) {
         let mut ids = Vec::with_capacity(self.heads.len());
         let mut lengths = Vec::with_capacity(self.heads.len());
         let mut hashes = Vec::with_capacity(self.heads.len());
@@ -329,16 +345,7 @@ impl ChainHeads {
             lengths.push(length);
             hashes.push(hash);
         }
-        sqlx::query(
-            "UPDATE audit_chains c SET length = t.length, head_hash = t.hash \
-             FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS t(id, length, hash) WHERE c.correlation_id = t.id",
-        )
-        .bind(&ids)
-        .bind(&lengths)
-        .bind(&hashes)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
+        (ids, lengths, hashes)
     }
 }
 
@@ -394,14 +401,64 @@ struct EventColumns {
     hash_key_id: Vec<Option<String>>,
 }
 
-/// The batch's events, embeddings and pending markers, each table in one
-/// statement; chain links are computed here, in batch order.
+/// Everything a write transaction stores after locking its chains, in one
+/// statement instead of five, so one round trip: at one event per call the
+/// transaction is mostly round trips and statement start-up
+/// (docs/performance.md). In order: the events, their embeddings (into
+/// `$embeddings`), pending markers for events written under a model that
+/// stopped being the active one in the meantime (a reembed just switched:
+/// the backfill embeds them with the active one too), pending markers for
+/// deferred embeddings, and the chains' new heads. Each part is empty when
+/// its arrays are.
+macro_rules! write_statement {
+    ($embeddings:literal) => {
+        concat!(
+            "WITH events AS ( \
+                 INSERT INTO audit_events (id, occurred_at, incident_id, correlation_id, remediation_request_id, \
+                 namespace, cluster, kind, labels, parent_event_id, payload, search_text, received_at, source, \
+                 trace_id, embedding_state, action_type, execution_status, duration_ms, chain_seq, \
+                 previous_event_hash, event_hash, hash_algorithm, hash_key_id) \
+                 SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], \
+                 $6::text[], $7::text[], $8::smallint[], $9::jsonb[], $10::uuid[], $11::jsonb[], $12::text[], \
+                 $13::timestamptz[], $14::text[], $15::text[], $16::smallint[], $17::text[], $18::smallint[], \
+                 $19::float8[], $20::bigint[], $21::bytea[], $22::bytea[], $23::text[], $24::text[])), \
+             embedded AS ( \
+                 INSERT INTO ",
+            $embeddings,
+            " (event_id, occurred_at, model_id, embedding) \
+                 SELECT t.id, t.at, $26, t.embedding \
+                 FROM unnest($25::uuid[], $27::timestamptz[], $28::vector[]) AS t(id, at, embedding)), \
+             written_under_a_replaced_model AS ( \
+                 INSERT INTO pending_embeddings (event_id, occurred_at, model_id, reason) \
+                 SELECT t.id, t.at, m.id, 'written while another model became active' \
+                 FROM unnest($25::uuid[], $27::timestamptz[]) AS t(id, at) CROSS JOIN embedding_models m \
+                 WHERE m.active AND m.id <> $26 ON CONFLICT DO NOTHING), \
+             deferred AS ( \
+                 INSERT INTO pending_embeddings (event_id, occurred_at, model_id, reason) \
+                 SELECT t.id, t.at, $26, t.reason \
+                 FROM unnest($29::uuid[], $30::timestamptz[], $31::text[]) AS t(id, at, reason)), \
+             chains AS ( \
+                 UPDATE audit_chains c SET length = t.length, head_hash = t.hash \
+                 FROM unnest($32::text[], $33::bigint[], $34::bytea[]) AS t(id, length, hash) \
+                 WHERE c.correlation_id = t.id) \
+             SELECT 1"
+        )
+    };
+}
+
+/// New embeddings skip the HNSW index (deferred indexing, the default).
+const WRITE_EMBEDDINGS_FRESH: &str = write_statement!("fresh_embeddings");
+/// New embeddings go into the HNSW index in the writing transaction.
+const WRITE_EMBEDDINGS_INDEXED: &str = write_statement!("audit_embeddings");
+
+/// The batch's events, embeddings and pending markers and its chains' new
+/// heads; chain links are computed here, in batch order.
 async fn insert_events(
     tx: &mut Transaction<'_, Postgres>,
     source: &str,
     model: &ModelHandle,
     storage: &Storage,
-    chains: &mut ChainHeads,
+    mut chains: ChainHeads,
     batch: &[(&PreparedWrite, &WriteReceipt)],
 ) -> Result<(), TxFailure> {
     let mut events = EventColumns::default();
@@ -461,76 +518,48 @@ async fn insert_events(
     if events.id.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO audit_events (id, occurred_at, incident_id, correlation_id, remediation_request_id, namespace, \
-         cluster, kind, labels, parent_event_id, payload, search_text, received_at, source, trace_id, \
-         embedding_state, action_type, execution_status, duration_ms, chain_seq, previous_event_hash, event_hash, \
-         hash_algorithm, hash_key_id) \
-         SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], $6::text[], \
-         $7::text[], $8::smallint[], $9::jsonb[], $10::uuid[], $11::jsonb[], $12::text[], $13::timestamptz[], \
-         $14::text[], $15::text[], $16::smallint[], $17::text[], $18::smallint[], $19::float8[], $20::bigint[], \
-         $21::bytea[], $22::bytea[], $23::text[], $24::text[])",
-    )
-    .bind(&events.id)
-    .bind(&events.occurred_at)
-    .bind(&events.incident_id)
-    .bind(&events.correlation_id)
-    .bind(&events.remediation_request_id)
-    .bind(&events.namespace)
-    .bind(&events.cluster)
-    .bind(&events.kind)
-    .bind(&events.labels)
-    .bind(&events.parent_event_id)
-    .bind(&events.payload)
-    .bind(&events.search_text)
-    .bind(&events.received_at)
-    .bind(&events.source)
-    .bind(&events.trace_id)
-    .bind(&events.embedding_state)
-    .bind(&events.action_type)
-    .bind(&events.execution_status)
-    .bind(&events.duration_ms)
-    .bind(&events.chain_seq)
-    .bind(&events.previous_event_hash)
-    .bind(&events.event_hash)
-    .bind(&events.hash_algorithm)
-    .bind(&events.hash_key_id)
-    .execute(&mut **tx)
-    .await?;
-
-    if !embedded_ids.is_empty() {
-        sqlx::query(storage.embedding_insert())
-            .bind(&embedded_ids)
-            .bind(&embedded_ats)
-            .bind(model.id)
-            .bind(&vectors)
-            .execute(&mut **tx)
-            .await?;
-        // Written with a model that is no longer the active one (a reembed
-        // just switched): the backfill embeds them with the active one too.
-        sqlx::query(
-            "INSERT INTO pending_embeddings (event_id, occurred_at, model_id, reason) \
-             SELECT t.id, t.at, m.id, 'written while another model became active' \
-             FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, at) CROSS JOIN embedding_models m \
-             WHERE m.active AND m.id <> $3 ON CONFLICT DO NOTHING",
-        )
+    let (chain_ids, chain_lengths, chain_hashes) = chains.into_columns();
+    let statement = if storage.deferred_indexing {
+        WRITE_EMBEDDINGS_FRESH
+    } else {
+        WRITE_EMBEDDINGS_INDEXED
+    };
+    sqlx::query(statement)
+        .bind(&events.id)
+        .bind(&events.occurred_at)
+        .bind(&events.incident_id)
+        .bind(&events.correlation_id)
+        .bind(&events.remediation_request_id)
+        .bind(&events.namespace)
+        .bind(&events.cluster)
+        .bind(&events.kind)
+        .bind(&events.labels)
+        .bind(&events.parent_event_id)
+        .bind(&events.payload)
+        .bind(&events.search_text)
+        .bind(&events.received_at)
+        .bind(&events.source)
+        .bind(&events.trace_id)
+        .bind(&events.embedding_state)
+        .bind(&events.action_type)
+        .bind(&events.execution_status)
+        .bind(&events.duration_ms)
+        .bind(&events.chain_seq)
+        .bind(&events.previous_event_hash)
+        .bind(&events.event_hash)
+        .bind(&events.hash_algorithm)
+        .bind(&events.hash_key_id)
         .bind(&embedded_ids)
-        .bind(&embedded_ats)
         .bind(model.id)
-        .execute(&mut **tx)
-        .await?;
-    }
-    if !deferred_ids.is_empty() {
-        sqlx::query(
-            "INSERT INTO pending_embeddings (event_id, occurred_at, model_id, reason) \
-             SELECT t.id, t.at, $3, t.reason FROM unnest($1::uuid[], $2::timestamptz[], $4::text[]) AS t(id, at, reason)",
-        )
+        .bind(&embedded_ats)
+        .bind(&vectors)
         .bind(&deferred_ids)
         .bind(&deferred_ats)
-        .bind(model.id)
         .bind(&deferred_reasons)
+        .bind(&chain_ids)
+        .bind(&chain_lengths)
+        .bind(&chain_hashes)
         .execute(&mut **tx)
         .await?;
-    }
     Ok(())
 }

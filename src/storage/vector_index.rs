@@ -5,24 +5,7 @@ use std::time::Duration;
 use super::Storage;
 use crate::error::CoreError;
 
-/// New embeddings skip the HNSW index (deferred indexing, the default).
-const INSERT_FRESH: &str = "INSERT INTO fresh_embeddings (event_id, occurred_at, model_id, embedding) \
-     SELECT t.id, t.at, $3, t.embedding FROM unnest($1::uuid[], $2::timestamptz[], $4::vector[]) AS t(id, at, embedding)";
-/// New embeddings go into the HNSW index in the writing transaction.
-const INSERT_INDEXED: &str = "INSERT INTO audit_embeddings (event_id, occurred_at, model_id, embedding) \
-     SELECT t.id, t.at, $3, t.embedding FROM unnest($1::uuid[], $2::timestamptz[], $4::vector[]) AS t(id, at, embedding)";
-
 impl Storage {
-    /// How the write path stores a batch's embeddings (binds: event ids,
-    /// occurred_ats, the model id, vectors).
-    pub(super) fn embedding_insert(&self) -> &'static str {
-        if self.deferred_indexing {
-            INSERT_FRESH
-        } else {
-            INSERT_INDEXED
-        }
-    }
-
     /// Moves up to `limit` of the oldest fresh embeddings into the indexed
     /// table in one transaction: every row is in exactly one of the two at
     /// any moment a search can see. Rows locked by another replica's indexer

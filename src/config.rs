@@ -303,6 +303,10 @@ pub struct VectorIndexSettings {
     /// Run the indexer in this replica. Every replica may: they share the
     /// work. Off, fresh embeddings wait for a replica that runs it.
     pub indexer: bool,
+    /// Indexer tasks in this replica. Each moves its own batch (`SKIP
+    /// LOCKED`), so a second one uses the other core while a large graph
+    /// makes every insert slow (docs/performance.md).
+    pub workers: u32,
     /// Embeddings the indexer moves per transaction.
     pub batch_size: u32,
     /// How long the indexer sleeps when the fresh segment is empty.
@@ -466,6 +470,7 @@ impl Default for Settings {
             vector_index: VectorIndexSettings {
                 deferred: true,
                 indexer: true,
+                workers: 2,
                 batch_size: 500,
                 idle_poll_ms: 100,
             },
@@ -656,6 +661,10 @@ impl Settings {
         ensure!(
             self.redis.embedding_cache_ttl_secs >= 1,
             "redis.embedding_cache_ttl_secs must be positive"
+        );
+        ensure!(
+            (1..=16).contains(&self.vector_index.workers),
+            "vector_index.workers must be within 1..=16"
         );
         ensure!(
             (1..=10_000).contains(&self.vector_index.batch_size),

@@ -4,8 +4,8 @@
 //! `storage::vector_index`); searches compare those exactly, so a written
 //! event is searchable as soon as it commits. This task keeps the segment
 //! small: one batch per transaction, back to back while there is work, a
-//! short sleep when there is none. Every replica runs one; they share the
-//! work through `FOR UPDATE SKIP LOCKED`.
+//! short sleep when there is none. Every replica runs `vector_index.workers`
+//! of them; they share the work through `FOR UPDATE SKIP LOCKED`.
 use std::time::Duration;
 
 use metrics::counter;

@@ -223,12 +223,18 @@ impl Application {
         let supervisor = tokio::spawn(self.jobs.clone().supervise());
         // Runs even with deferred indexing off: it drains what an earlier
         // configuration left in the fresh segment.
-        let indexer = self.settings.vector_index.indexer.then(|| {
-            tokio::spawn(crate::indexer::run(
-                self.storage.clone(),
-                self.settings.vector_index.clone(),
-            ))
-        });
+        let indexers: Vec<_> = if self.settings.vector_index.indexer {
+            (0..self.settings.vector_index.workers)
+                .map(|_| {
+                    tokio::spawn(crate::indexer::run(
+                        self.storage.clone(),
+                        self.settings.vector_index.clone(),
+                    ))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let replay = self
             .outage_queue
             .clone()
@@ -331,7 +337,7 @@ impl Application {
         sampling.abort();
         replica_monitor.abort();
         supervisor.abort();
-        if let Some(indexer) = indexer {
+        for indexer in indexers {
             indexer.abort();
         }
         if let Some(replay) = replay {

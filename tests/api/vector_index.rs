@@ -194,9 +194,11 @@ async fn fresh_embeddings_are_searched_with_the_indexed_ones_and_keep_their_rank
 }
 
 #[tokio::test]
-async fn the_indexer_keeps_up_with_writes_and_loses_nothing() {
+async fn indexer_workers_keep_up_with_writes_and_lose_nothing() {
     let app = spawn_app_with(
         |settings| {
+            // Small batches and several workers, so they contend for rows.
+            settings.vector_index.workers = 4;
             settings.vector_index.batch_size = 7;
             settings.vector_index.idle_poll_ms = 10;
         },

@@ -115,6 +115,10 @@ HBA
   echo "include_if_exists = 'datastorage.conf'" | as_pg tee -a "$datadir/postgresql.conf" >/dev/null
 }
 
+# shared_buffers: the model's HNSW graph (about 2 KB per vector) should fit.
+# Inserting into a 1.1 GB graph from 256 MB of buffers, where every step
+# reads pages back from the OS cache, was 2.7x slower (docs/performance.md).
+# Memory is only taken as pages are used.
 write_conf() {
   # Unix socket in the cluster dir (never /var/run). Socket paths are limited
   # to ~107 bytes; with a very deep DATADIR, go TCP-only.
@@ -125,7 +129,7 @@ write_conf() {
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$sockdir'
 max_connections = 400
-shared_buffers = 256MB
+shared_buffers = ${PG_SHARED_BUFFERS:-2GB}
 logging_collector = off
 log_min_messages = warning
 log_line_prefix = '%m [%p] %q%u@%d '

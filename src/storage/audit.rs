@@ -274,6 +274,10 @@ async fn claim_request_id(
     }))
 }
 
+/// A locked chain head (correlation id, length, head hash) and, on every
+/// row, the ids of the writes already stored.
+type LockedHeadRow = (String, i64, Option<Vec<u8>>, Option<Vec<Uuid>>);
+
 /// The heads of the chains a transaction appends to, locked until it ends.
 struct ChainHeads {
     heads: HashMap<String, (i64, Option<Vec<u8>>)>,
@@ -294,7 +298,7 @@ impl ChainHeads {
         chain_ids.dedup();
         let event_ids: Vec<Uuid> = fresh.iter().map(|&i| writes[i].event_id).collect();
         let ats: Vec<DateTime<Utc>> = fresh.iter().map(|&i| writes[i].event.occurred_at).collect();
-        let rows: Vec<(String, i64, Option<Vec<u8>>, Option<Vec<Uuid>>)> = sqlx::query_as(
+        let rows: Vec<LockedHeadRow> = sqlx::query_as(
             "WITH heads AS ( \
                  INSERT INTO audit_chains (correlation_id, length) SELECT id, 0 FROM unnest($1::text[]) AS id ORDER BY id \
                  ON CONFLICT (correlation_id) DO UPDATE SET length = audit_chains.length \

@@ -732,9 +732,13 @@ async fn seed(
     );
 
     let started = Instant::now();
-    let registered: i16 = sqlx::query_scalar("SELECT register_embedding_model($1, $2, 'local')")
+    // The service's default graph, as `register_model` would build it.
+    let graph = datastorage::config::Settings::default().vector_index;
+    let registered: i16 = sqlx::query_scalar("SELECT register_embedding_model($1, $2, 'local', $3, $4)")
         .bind(MODEL_NAME)
         .bind(DIMS as i32)
+        .bind(graph.hnsw_m as i32)
+        .bind(graph.hnsw_ef_construction as i32)
         .fetch_one(&mut *conn)
         .await?;
     anyhow::ensure!(

@@ -1,19 +1,22 @@
--- A model's HNSW graph is built with twice pgvector's default degree and
--- construction beam (m 32, ef_construction 128 instead of 16 and 64).
+-- A model's HNSW graph parameters (pgvector's m and ef_construction) come
+-- from the service's configuration (vector_index.hnsw_m and
+-- vector_index.hnsw_ef_construction), not from pgvector's defaults.
 --
--- With the defaults, a graph of 550k clustered 384-dim vectors gave
--- recall@10 0.84-0.95 at ef_search 200, and more ef_search did not help
--- (0.87 at 400 and 800): rows the graph reaches badly stay unreached. The
--- ingest bench's drained recall was 0.937. With m 32 / ef_construction 128
--- the same vectors gave 0.98 at ef_search 100 and 0.99 at 200. The price is
--- paid by the indexer: each insert costs about 2.6x as much
--- (docs/performance.md), which deferred indexing keeps off the write path.
+-- On the ingest bench's vectors (clusters of near-equidistant noise) a graph
+-- built with the defaults (16 / 64) gave recall@10 0.84-0.95 at ef_search
+-- 200 and more ef_search did not lift it; 32 / 128 gave 0.95-0.99. On real
+-- MiniLM embeddings the defaults already reach 0.975, and 32 / 128 doubles
+-- search latency, so the default stays and the choice is the deployment's
+-- (docs/performance.md).
 --
--- Only indexes created from now on (a newly registered model) use these
--- parameters. PostgreSQL cannot change the options of a partitioned index,
--- so an existing model's index keeps its graph until the model is replaced
--- (a reembed job to a new model).
-CREATE OR REPLACE FUNCTION register_embedding_model(model_name text, model_dimensions integer, model_provider text)
+-- Only an index created from now on (a newly registered model) uses them.
+-- PostgreSQL cannot change the options of a partitioned index, so an
+-- existing model's index keeps its graph until the model is replaced (a
+-- reembed job to a new model).
+DROP FUNCTION register_embedding_model(text, integer, text);
+
+CREATE FUNCTION register_embedding_model(model_name text, model_dimensions integer, model_provider text,
+                                         hnsw_m integer, hnsw_ef_construction integer)
 RETURNS smallint LANGUAGE plpgsql AS $$
 DECLARE
     model_id smallint;
@@ -32,8 +35,8 @@ BEGIN
     END IF;
     EXECUTE format(
         'CREATE INDEX IF NOT EXISTS %I ON audit_embeddings USING hnsw ((embedding::vector(%s)) vector_cosine_ops) '
-        'WITH (m = 32, ef_construction = 128) WHERE model_id = %s',
-        'audit_embeddings_hnsw_model_' || model_id, model_dimensions, model_id);
+        'WITH (m = %s, ef_construction = %s) WHERE model_id = %s',
+        'audit_embeddings_hnsw_model_' || model_id, model_dimensions, hnsw_m, hnsw_ef_construction, model_id);
     RETURN model_id;
 END;
 $$;

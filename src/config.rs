@@ -309,6 +309,14 @@ pub struct VectorIndexSettings {
     pub workers: u32,
     /// Embeddings the indexer moves per transaction.
     pub batch_size: u32,
+    /// Neighbours per node of a newly registered model's HNSW graph
+    /// (pgvector's `m`). An existing model's index keeps the graph it was
+    /// built with. More raises recall on data whose neighbours are hard to
+    /// tell apart, and costs every search and index insert
+    /// (docs/performance.md).
+    pub hnsw_m: u32,
+    /// Candidate list size while building that graph (`ef_construction`).
+    pub hnsw_ef_construction: u32,
     /// How long the indexer sleeps when the fresh segment is empty.
     pub idle_poll_ms: u64,
 }
@@ -472,6 +480,8 @@ impl Default for Settings {
                 indexer: true,
                 workers: 2,
                 batch_size: 500,
+                hnsw_m: 16,
+                hnsw_ef_construction: 64,
                 idle_poll_ms: 100,
             },
             redis: RedisSettings {
@@ -669,6 +679,15 @@ impl Settings {
         ensure!(
             (1..=10_000).contains(&self.vector_index.batch_size),
             "vector_index.batch_size must be within 1..=10000"
+        );
+        ensure!(
+            (2..=100).contains(&self.vector_index.hnsw_m),
+            "vector_index.hnsw_m must be within 2..=100"
+        );
+        ensure!(
+            (4..=1000).contains(&self.vector_index.hnsw_ef_construction)
+                && self.vector_index.hnsw_ef_construction >= 2 * self.vector_index.hnsw_m,
+            "vector_index.hnsw_ef_construction must be within 4..=1000 and at least twice vector_index.hnsw_m"
         );
         ensure!(
             self.vector_index.idle_poll_ms >= 1,

@@ -74,7 +74,8 @@ impl Application {
         let storage = Storage::new(storage::pool(&settings.database, &settings.search)?)
             .with_read_replica(storage::replica_pool(&settings.database, &settings.search)?)
             .with_chain_hasher(ChainHasher::new(&settings.integrity))
-            .with_deferred_indexing(settings.vector_index.deferred);
+            .with_deferred_indexing(settings.vector_index.deferred)
+            .with_hnsw_graph(settings.vector_index.hnsw_m, settings.vector_index.hnsw_ef_construction);
         if settings.database.migrate_on_start {
             storage::MIGRATOR
                 .run(storage.pool())

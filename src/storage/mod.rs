@@ -81,6 +81,9 @@ pub struct Storage {
     /// New embeddings go to the fresh segment, not straight into the HNSW
     /// index (`vector_index.deferred`).
     deferred_indexing: bool,
+    /// `m` and `ef_construction` of the HNSW graph a newly registered model
+    /// gets.
+    hnsw_graph: (u32, u32),
 }
 
 /// A pool that connects lazily: the server starts, and reports NOT_SERVING,
@@ -143,6 +146,7 @@ impl Storage {
             known_partitions: Arc::default(),
             chain: Arc::new(ChainHasher::unkeyed()),
             deferred_indexing: true,
+            hnsw_graph: (16, 64),
         }
     }
 
@@ -150,6 +154,13 @@ impl Storage {
     /// (true) or enter the HNSW index in the writing transaction.
     pub fn with_deferred_indexing(mut self, deferred: bool) -> Self {
         self.deferred_indexing = deferred;
+        self
+    }
+
+    /// `m` and `ef_construction` of the HNSW graph of a model registered from
+    /// now on.
+    pub fn with_hnsw_graph(mut self, m: u32, ef_construction: u32) -> Self {
+        self.hnsw_graph = (m, ef_construction);
         self
     }
 
@@ -198,7 +209,8 @@ impl Storage {
         }
     }
 
-    /// Registers the model (idempotently) and makes sure its vector index exists.
+    /// Registers the model (idempotently) and makes sure its vector index
+    /// exists; a new index gets this storage's HNSW graph parameters.
     #[tracing::instrument(skip(self))]
     pub async fn register_model(
         &self,
@@ -207,10 +219,13 @@ impl Storage {
         provider: &str,
     ) -> Result<ModelHandle, CoreError> {
         let dims = i32::try_from(dimensions).map_err(|e| CoreError::Internal(e.into()))?;
-        let id: i16 = sqlx::query_scalar("SELECT register_embedding_model($1, $2, $3)")
+        let (m, ef_construction) = self.hnsw_graph;
+        let id: i16 = sqlx::query_scalar("SELECT register_embedding_model($1, $2, $3, $4, $5)")
             .bind(name)
             .bind(dims)
             .bind(provider)
+            .bind(m as i32)
+            .bind(ef_construction as i32)
             .fetch_one(&self.pool)
             .await
             .map_err(CoreError::database)?;

@@ -326,7 +326,13 @@ impl Storage {
         };
         let (ids, ats): (Vec<Uuid>, Vec<DateTime<Utc>>) =
             scanned.into_iter().filter(|s| s.2).map(|(id, at, _)| (id, at)).unzip();
-        for table in ["audit_embeddings", "fresh_embeddings", "pending_embeddings"] {
+        // The fresh segment first. An indexer moving one of these rows holds
+        // its lock until it has inserted it into audit_embeddings and
+        // committed; the delete waits for that, and the next statement's
+        // snapshot then sees the moved row and deletes it. In the other
+        // order, audit_embeddings was deleted from before the move
+        // committed, and the moved embedding outlived its event.
+        for table in ["fresh_embeddings", "audit_embeddings", "pending_embeddings"] {
             // The table name is one of these constants.
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM {table} x USING unnest($1::uuid[], $2::timestamptz[]) AS t(id, at) \

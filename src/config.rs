@@ -292,6 +292,10 @@ pub struct RedisSettings {
     pub embedding_cache_ttl_secs: u64,
 }
 
+/// pgvector's own HNSW defaults (`m`, `ef_construction`): the graph a model
+/// gets unless `vector_index.hnsw_*` say otherwise.
+pub const DEFAULT_HNSW_GRAPH: (u32, u32) = (16, 64);
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VectorIndexSettings {
@@ -480,8 +484,8 @@ impl Default for Settings {
                 indexer: true,
                 workers: 2,
                 batch_size: 500,
-                hnsw_m: 16,
-                hnsw_ef_construction: 64,
+                hnsw_m: DEFAULT_HNSW_GRAPH.0,
+                hnsw_ef_construction: DEFAULT_HNSW_GRAPH.1,
                 idle_poll_ms: 100,
             },
             redis: RedisSettings {

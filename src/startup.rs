@@ -224,18 +224,19 @@ impl Application {
         let supervisor = tokio::spawn(self.jobs.clone().supervise());
         // Runs even with deferred indexing off: it drains what an earlier
         // configuration left in the fresh segment.
-        let indexers: Vec<_> = if self.settings.vector_index.indexer {
-            (0..self.settings.vector_index.workers)
-                .map(|_| {
-                    tokio::spawn(crate::indexer::run(
-                        self.storage.clone(),
-                        self.settings.vector_index.clone(),
-                    ))
-                })
-                .collect()
+        let indexer_workers = if self.settings.vector_index.indexer {
+            self.settings.vector_index.workers
         } else {
-            Vec::new()
+            0
         };
+        let indexers: Vec<_> = (0..indexer_workers)
+            .map(|_| {
+                tokio::spawn(crate::indexer::run(
+                    self.storage.clone(),
+                    self.settings.vector_index.clone(),
+                ))
+            })
+            .collect();
         let replay = self
             .outage_queue
             .clone()

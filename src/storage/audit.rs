@@ -313,16 +313,15 @@ impl ChainHeads {
         .bind(&ats)
         .fetch_all(&mut **tx)
         .await?;
-        let stored = rows
-            .first()
-            .and_then(|row| row.3.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        let heads = rows
-            .into_iter()
-            .map(|(id, length, hash, _)| (id, (length, hash)))
-            .collect();
+        let mut stored = HashSet::new();
+        let mut heads = HashMap::with_capacity(rows.len());
+        for (id, length, hash, stored_ids) in rows {
+            // Every row carries the same list.
+            if stored.is_empty() {
+                stored.extend(stored_ids.unwrap_or_default());
+            }
+            heads.insert(id, (length, hash));
+        }
         Ok((ChainHeads { heads }, stored))
     }
 

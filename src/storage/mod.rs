@@ -146,7 +146,7 @@ impl Storage {
             known_partitions: Arc::default(),
             chain: Arc::new(ChainHasher::unkeyed()),
             deferred_indexing: true,
-            hnsw_graph: (16, 64),
+            hnsw_graph: crate::config::DEFAULT_HNSW_GRAPH,
         }
     }
 

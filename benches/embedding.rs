@@ -16,17 +16,13 @@
 //! are printed.
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::Instant,
 };
 
-use anyhow::Context;
 use datastorage::{config::Settings, embedding::local::LocalMiniLm};
 
 mod common;
-use common::{env_or, Rng, ALERT_BASES, TEAMS};
-
-const DIMENSIONS: usize = 384;
+use common::{env_or, reference, Rng, ALERT_BASES, TEAMS};
 
 fn texts(count: usize) -> Vec<String> {
     const CAUSES: [&str; 8] = [
@@ -64,68 +60,6 @@ fn local_run(model: &LocalMiniLm, texts: &[String], batch: usize) -> anyhow::Res
     Ok((texts.len() as f64 / started.elapsed().as_secs_f64(), vectors))
 }
 
-struct Reference {
-    texts_per_second: f64,
-    versions: String,
-    vectors: Vec<Vec<f32>>,
-}
-
-fn reference(model_dir: &str, texts: &[String], batch: usize, threads: usize) -> anyhow::Result<Option<Reference>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".cache/st-venv/bin/python");
-    let probe = Command::new(&python)
-        .args(["-c", "import torch, sentence_transformers"])
-        .output();
-    if !probe.is_ok_and(|out| out.status.success()) {
-        return Ok(None);
-    }
-    let dir = std::env::var_os("BENCH_RESULTS_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
-    std::fs::create_dir_all(&dir)?;
-    let (input, output) = (dir.join("embedding-texts.json"), dir.join("embedding-reference.f32"));
-    std::fs::write(&input, serde_json::to_vec(texts)?)?;
-    let run = Command::new(&python)
-        .arg(root.join("scripts/bench-embedding-reference.py"))
-        .args([
-            "--model",
-            model_dir,
-            "--threads",
-            &threads.to_string(),
-            "--batch",
-            &batch.to_string(),
-        ])
-        .arg("--texts")
-        .arg(&input)
-        .arg("--out")
-        .arg(&output)
-        .output()
-        .context("running the PyTorch reference")?;
-    anyhow::ensure!(
-        run.status.success(),
-        "the PyTorch reference failed: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(
-        run.stdout
-            .split(|b| *b == b'\n')
-            .rfind(|line| !line.is_empty())
-            .context("the reference printed nothing")?,
-    )?;
-    let raw = std::fs::read(&output)?;
-    anyhow::ensure!(
-        raw.len() == texts.len() * DIMENSIONS * 4,
-        "reference vectors: wrong size"
-    );
-    let floats: Vec<f32> = raw
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok(Some(Reference {
-        texts_per_second: report["texts_per_second"].as_f64().context("texts_per_second")?,
-        versions: report["versions"].as_str().unwrap_or("").to_owned(),
-        vectors: floats.chunks_exact(DIMENSIONS).map(<[f32]>::to_vec).collect(),
-    }))
-}
-
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
     let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
@@ -144,7 +78,8 @@ fn main() -> anyhow::Result<()> {
 
     println!("## Local embedding vs the PyTorch reference\n\n{count} texts, batches of {batch}, {threads} threads.\n");
     let (first, local_vectors) = local_run(&model, &texts, batch)?;
-    let reference = reference(&model_dir, &texts, batch, threads)?;
+    let scratch = std::env::var_os("BENCH_RESULTS_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let reference = reference::embed(&model_dir, &texts, batch, threads, &scratch)?;
     let (second, _) = local_run(&model, &texts, batch)?;
     let local = (first + second) / 2.0;
     // sentence-transformers sorts its input by length before batching, so
@@ -170,7 +105,7 @@ fn main() -> anyhow::Result<()> {
             );
             let mut agreement: Vec<f64> = local_vectors
                 .iter()
-                .zip(&reference.vectors)
+                .zip(reference.vectors.chunks_exact(reference::DIMENSIONS))
                 .map(|(a, b)| cosine(a, b))
                 .collect();
             agreement.sort_by(f64::total_cmp);

@@ -14,6 +14,7 @@ use hdrhistogram::Histogram;
 use secrecy::SecretString;
 
 pub mod load;
+pub mod reference;
 
 /// The `source` of seeded events: the caller a server with `auth.disabled` records.
 pub const BENCH_SOURCE: &str = "anonymous";

@@ -125,11 +125,13 @@ lint:
 # - search: SearchSimilar p50/p99 and recall@10 (vs exact brute force) vs the
 #   same statements on one sqlx connection: unfiltered, namespace (~10%),
 #   alert_name (~0.5%), hybrid, and min_similarity 0.99. Seeds ds_bench_search
-#   with embeddings of the local model, cached in .cache/bench/.
+#   with embeddings of the local model, cached in .cache/bench/
+#   (BENCH_SEARCH_EMBEDDER=reference computes them with the PyTorch reference,
+#   about twice as fast here: how the 1M-event corpus was made).
 #   BENCH_SEARCH_EVENTS (100000), BENCH_SEARCH_QUERIES distinct query texts
 #   (100), BENCH_ITERATIONS per scenario (200), BENCH_REUSE=1 as above;
-#   BENCH_SEARCH_EF_SEARCH and BENCH_SEARCH_ITERATIVE_SCAN try other HNSW
-#   settings than the service's defaults (200, relaxed_order).
+#   BENCH_SEARCH_EF_SEARCH, BENCH_SEARCH_ITERATIVE_SCAN and
+#   BENCH_SEARCH_EXACT_SCAN_THRESHOLD try other settings than the service's.
 # - jobs: embedding cache hit rate and WriteAudit p50/p99 (one client, 30%
 #   repeated texts) with no cache, L1 only, L1 + Redis L2, and a second replica
 #   served from L2; backfill and reembed events/s vs the local model called

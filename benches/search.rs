@@ -5,7 +5,8 @@
 //!    incident, spread over ~6 months of monthly partitions) whose texts come
 //!    from templates (20 alert families plus generic remediation lines, with
 //!    services, pods, nodes, versions and numbers filled in). The texts are
-//!    embedded once with the local all-MiniLM-L6-v2 and the vectors cached in
+//!    embedded once with the local all-MiniLM-L6-v2 (or its PyTorch reference,
+//!    BENCH_SEARCH_EMBEDDER=reference) and the vectors cached in
 //!    `.cache/bench/` (raw little-endian f32, keyed by corpus size, template
 //!    version and a hash of the texts), so reruns skip the model. Events and
 //!    embeddings go in by COPY; the model's HNSW index is built afterwards by
@@ -29,9 +30,9 @@
 //!    fusion done in the bench; then each plain statement's
 //!    EXPLAIN (ANALYZE, BUFFERS).
 //!
-//! BENCH_SEARCH_EF_SEARCH and BENCH_SEARCH_ITERATIVE_SCAN override the
-//! service's HNSW defaults for both sides. Timings are reported, never
-//! asserted.
+//! BENCH_SEARCH_EF_SEARCH, BENCH_SEARCH_ITERATIVE_SCAN and
+//! BENCH_SEARCH_EXACT_SCAN_THRESHOLD override the service's search defaults
+//! for both sides. Timings are reported, never asserted.
 use std::{
     collections::{HashMap, HashSet},
     fmt::Write as _,
@@ -41,6 +42,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use datastorage::{
     config::{IterativeScan, LogFormat},
@@ -56,7 +58,7 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 mod common;
-use common::{alert_name, env_or, histogram, micros, ms, row, ts, Rng, TEAMS};
+use common::{alert_name, env_or, histogram, micros, ms, reference, row, ts, Rng, TEAMS};
 
 const DATABASE: &str = "ds_bench_search";
 const MODEL_NAME: &str = "all-MiniLM-L6-v2";
@@ -70,7 +72,9 @@ const SPAN_DAYS: i64 = 182;
 const TOP_K: usize = 10;
 const EMBED_BATCH: usize = 64;
 const GOAL_RECALL: f64 = 0.95;
+/// Unfiltered p99 goals: the VectorSearch issue's at 100k events, issue 9's at 1M.
 const GOAL_P99_MS: f64 = 15.0;
+const GOAL_P99_MS_AT_1M: f64 = 20.0;
 const GOAL_RATIO: f64 = 1.3;
 /// What no query meets: the bounded-work case.
 const UNREACHABLE_SIMILARITY: f32 = 0.99;
@@ -420,9 +424,26 @@ fn load_cached(path: &Path, count: usize) -> Option<Vec<f32>> {
     )
 }
 
+/// Which model turns the corpus into vectors. The PyTorch reference agrees
+/// with the local model to a cosine of 1.000000 (benches/embedding.rs) and
+/// runs about twice as fast on this machine's CPU, which matters at 1M events.
+#[derive(Clone, Copy, PartialEq)]
+enum Embedder {
+    Local,
+    Reference,
+}
+
+/// Reference runs embed this many texts per child process, so progress shows.
+const REFERENCE_CHUNK: usize = 50_000;
+
 /// Embeds each distinct text once, in batches of texts of similar length (a
 /// batch is padded to its longest text); results in the texts' order.
-fn embed_corpus(model: &LocalMiniLm, texts: &[String]) -> anyhow::Result<Vec<f32>> {
+fn embed_corpus(
+    model: &LocalMiniLm,
+    model_dir: &str,
+    embedder: Embedder,
+    texts: &[String],
+) -> anyhow::Result<Vec<f32>> {
     let started = Instant::now();
     let mut first: HashMap<&str, usize> = HashMap::new();
     let mut distinct: Vec<usize> = Vec::new();
@@ -436,17 +457,30 @@ fn embed_corpus(model: &LocalMiniLm, texts: &[String]) -> anyhow::Result<Vec<f32
     let mut out = vec![0f32; texts.len() * DIMS];
     let mut done = 0usize;
     let mut last_report = Instant::now();
-    for (b, batch) in distinct.chunks(EMBED_BATCH).enumerate() {
+    let chunk = match embedder {
+        Embedder::Local => EMBED_BATCH,
+        Embedder::Reference => REFERENCE_CHUNK,
+    };
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let scratch = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/bench");
+    for (b, batch) in distinct.chunks(chunk).enumerate() {
         let batch_texts: Vec<String> = batch.iter().map(|&i| texts[i].clone()).collect();
-        let vectors = model.embed_blocking(&batch_texts)?;
+        let vectors: Vec<f32> = match embedder {
+            Embedder::Local => model.embed_blocking(&batch_texts)?.concat(),
+            Embedder::Reference => {
+                reference::embed(model_dir, &batch_texts, EMBED_BATCH, threads, &scratch)?
+                    .context("BENCH_SEARCH_EMBEDDER=reference needs scripts/bench-venv.sh --reference")?
+                    .vectors
+            }
+        };
         anyhow::ensure!(
-            vectors.len() == batch.len(),
-            "the model returned {} vectors",
-            vectors.len()
+            vectors.len() == batch.len() * DIMS,
+            "the model returned {} floats for {} texts",
+            vectors.len(),
+            batch.len()
         );
-        for (&i, v) in batch.iter().zip(vectors) {
-            anyhow::ensure!(v.len() == DIMS, "the model returned {} dimensions", v.len());
-            out[i * DIMS..(i + 1) * DIMS].copy_from_slice(&v);
+        for (&i, v) in batch.iter().zip(vectors.chunks_exact(DIMS)) {
+            out[i * DIMS..(i + 1) * DIMS].copy_from_slice(v);
         }
         done += batch.len();
         if last_report.elapsed() >= Duration::from_secs(10) || done == distinct.len() || b == 0 {
@@ -469,19 +503,28 @@ fn embed_corpus(model: &LocalMiniLm, texts: &[String]) -> anyhow::Result<Vec<f32
     Ok(out)
 }
 
-fn corpus_vectors(model: &LocalMiniLm, texts: &[String]) -> anyhow::Result<(Vec<f32>, f64, bool)> {
+fn corpus_vectors(
+    model: &LocalMiniLm,
+    model_dir: &str,
+    embedder: Embedder,
+    texts: &[String],
+) -> anyhow::Result<(Vec<f32>, f64, bool)> {
     let path = cache_path(texts.len(), texts);
     if let Some(v) = load_cached(&path, texts.len()) {
         println!("  embeddings: cached in {}", path.display());
         return Ok((v, 0.0, true));
     }
     println!(
-        "  embedding {} texts with the local model (batches of {EMBED_BATCH}); cached afterwards in {}",
+        "  embedding {} texts with {} (batches of {EMBED_BATCH}); cached afterwards in {}",
         texts.len(),
+        match embedder {
+            Embedder::Local => "the local model",
+            Embedder::Reference => "the PyTorch reference (BENCH_SEARCH_EMBEDDER=reference)",
+        },
         path.display()
     );
     let started = Instant::now();
-    let vectors = embed_corpus(model, texts)?;
+    let vectors = embed_corpus(model, model_dir, embedder, texts)?;
     let seconds = started.elapsed().as_secs_f64();
     std::fs::create_dir_all(path.parent().unwrap())?;
     let tmp = path.with_extension("f32.tmp");
@@ -1323,6 +1366,34 @@ struct Exact {
     text: Vec<Uuid>,
 }
 
+/// Exact answers are kept in the seeded database (`bench_ground_truth`, keyed
+/// by filter, query and depth), so a BENCH_REUSE run skips the brute-force
+/// scans: at 1M events they take ~10 minutes. Reseeding drops them with the
+/// database.
+async fn stored_ground_truth(conn: &mut PgConnection, key: &str) -> anyhow::Result<Option<Exact>> {
+    let row: Option<(Vec<Uuid>, Vec<f64>, Vec<Uuid>)> =
+        sqlx::query_as("SELECT vector_ids, vector_distances, text_ids FROM bench_ground_truth WHERE key = $1")
+            .bind(key)
+            .fetch_optional(conn)
+            .await?;
+    Ok(row.map(|(ids, distances, text)| Exact {
+        vector: ids.into_iter().zip(distances).collect(),
+        text,
+    }))
+}
+
+async fn store_ground_truth(conn: &mut PgConnection, key: &str, exact: &Exact) -> anyhow::Result<()> {
+    let (ids, distances): (Vec<Uuid>, Vec<f64>) = exact.vector.iter().copied().unzip();
+    sqlx::query("INSERT INTO bench_ground_truth VALUES ($1, $2, $3, $4)")
+        .bind(key)
+        .bind(ids)
+        .bind(distances)
+        .bind(&exact.text)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 async fn ground_truth(
     conn: &mut PgConnection,
     model: &ModelHandle,
@@ -1336,20 +1407,32 @@ async fn ground_truth(
     let key = (sc.filter, index, hybrid);
     if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(key) {
         let depth = if hybrid { knobs.depth } else { TOP_K };
-        let vector = ranked(
-            &nearest(model, &q.vector, sc.filter, q, Way::ExactScan, depth)
-                .fetch(conn)
-                .await?,
+        let stored = format!(
+            "{:?}|{}|{}|{}|{hybrid}|{depth}",
+            sc.filter, q.text, q.namespace, q.alert
         );
-        let text = if hybrid {
-            keys(&text_matches(&q.text, sc.filter, q, knobs.depth).fetch(conn).await?)
-                .into_iter()
-                .map(|k| k.0)
-                .collect()
-        } else {
-            Vec::new()
+        let exact = match stored_ground_truth(conn, &stored).await? {
+            Some(exact) => exact,
+            None => {
+                let vector = ranked(
+                    &nearest(model, &q.vector, sc.filter, q, Way::ExactScan, depth)
+                        .fetch(conn)
+                        .await?,
+                );
+                let text = if hybrid {
+                    keys(&text_matches(&q.text, sc.filter, q, knobs.depth).fetch(conn).await?)
+                        .into_iter()
+                        .map(|k| k.0)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let exact = Exact { vector, text };
+                store_ground_truth(conn, &stored, &exact).await?;
+                exact
+            }
         };
-        slot.insert(Exact { vector, text });
+        slot.insert(exact);
     }
     let e = &cache[&key];
     Ok(match sc.mode {
@@ -1460,6 +1543,11 @@ async fn main() -> anyhow::Result<()> {
     let query_count: usize = env_or("BENCH_SEARCH_QUERIES", 100).max(1);
     let iterations: usize = env_or("BENCH_ITERATIONS", 200).max(1);
     let reuse = std::env::var("BENCH_REUSE").is_ok_and(|v| v == "1");
+    let embedder = match std::env::var("BENCH_SEARCH_EMBEDDER").as_deref() {
+        Ok("reference") => Embedder::Reference,
+        Ok("local") | Err(_) => Embedder::Local,
+        Ok(other) => anyhow::bail!("BENCH_SEARCH_EMBEDDER={other}: expected local or reference"),
+    };
     let admin = std::env::var("DATASTORAGE_BENCH_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://datastorage:datastorage@127.0.0.1:55432/datastorage".into());
     let model_dir = std::env::var("DATASTORAGE_BENCH_MODEL_DIR")
@@ -1524,7 +1612,9 @@ async fn main() -> anyhow::Result<()> {
         );
         let m = model.clone();
         let t = texts.clone();
-        let (vectors, embed_seconds, _) = tokio::task::spawn_blocking(move || corpus_vectors(&m, &t)).await??;
+        let dir = model_dir.clone();
+        let (vectors, embed_seconds, _) =
+            tokio::task::spawn_blocking(move || corpus_vectors(&m, &dir, embedder, &t)).await??;
         let mut admin_conn = PgConnection::connect(&admin).await?;
         exec(
             &mut admin_conn,
@@ -1580,6 +1670,10 @@ async fn main() -> anyhow::Result<()> {
     settings.log.format = LogFormat::Pretty;
     // The HNSW knobs, for trying other values; the service's defaults otherwise.
     settings.search.ef_search = env_or("BENCH_SEARCH_EF_SEARCH", settings.search.ef_search);
+    settings.search.exact_scan_threshold = env_or(
+        "BENCH_SEARCH_EXACT_SCAN_THRESHOLD",
+        settings.search.exact_scan_threshold,
+    );
     settings.search.iterative_scan = match std::env::var("BENCH_SEARCH_ITERATIVE_SCAN").as_deref() {
         Ok("off") => IterativeScan::Off,
         Ok("strict_order") => IterativeScan::StrictOrder,
@@ -1869,6 +1963,15 @@ async fn main() -> anyhow::Result<()> {
             plan.join("\n")
         );
     }
+    exec(
+        &mut gt_conn,
+        "CREATE TABLE IF NOT EXISTS bench_ground_truth (key text PRIMARY KEY, vector_ids uuid[] NOT NULL, \
+         vector_distances float8[] NOT NULL, text_ids uuid[] NOT NULL)",
+    )
+    .await?;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_ground_truth")
+        .fetch_one(&mut gt_conn)
+        .await?;
     let mut exact_cache = HashMap::new();
     let mut truths: Vec<Vec<Truth>> = Vec::new();
     for sc in &scenarios {
@@ -1910,10 +2013,15 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let mean = |v: &[usize]| v.iter().sum::<usize>() as f64 / v.len().max(1) as f64;
     println!(
-        "ground truth (exact, brute force in SQL) in {:.1} s; best similarity per query {:.3}..{:.3}, queries with an \
-         event at >= {UNREACHABLE_SIMILARITY}: {above}; full-text matches (of at most {}) per hybrid query: {:.1} on \
-         average unfiltered ({} queries with none), {:.1} namespace-filtered",
+        "ground truth (exact, brute force in SQL) in {:.1} s ({}); best similarity per query {:.3}..{:.3}, queries \
+         with an event at >= {UNREACHABLE_SIMILARITY}: {above}; full-text matches (of at most {}) per hybrid query: \
+         {:.1} on average unfiltered ({} queries with none), {:.1} namespace-filtered",
         started.elapsed().as_secs_f64(),
+        if stored > 0 {
+            format!("{stored} answers kept from an earlier run on this seed")
+        } else {
+            "computed now, kept for BENCH_REUSE runs".to_owned()
+        },
         best.iter().copied().fold(f64::MAX, f64::min),
         best.iter().copied().fold(f64::MIN, f64::max),
         knobs.depth,
@@ -2087,9 +2195,14 @@ async fn main() -> anyhow::Result<()> {
     };
     println!("goal: recall@10 >= {GOAL_RECALL}: {}", goal(&low));
     if let Some(a) = unfiltered {
+        let goal_p99 = if events >= 1_000_000 {
+            GOAL_P99_MS_AT_1M
+        } else {
+            GOAL_P99_MS
+        };
         println!(
-            "goal: p99 <= {GOAL_P99_MS} ms unfiltered: {} ({:.2} ms)",
-            if ms(&a.service, 0.99) <= GOAL_P99_MS {
+            "goal: p99 <= {goal_p99} ms unfiltered: {} ({:.2} ms)",
+            if ms(&a.service, 0.99) <= goal_p99 {
                 "met"
             } else {
                 "missed"

@@ -143,7 +143,8 @@ lint:
 #   table (the ceiling) and an unindexed one; how soon a write is searchable,
 #   the fresh backlog and its drain, recall@10. BENCH_CLIENTS (16),
 #   BENCH_INGEST_SECONDS (20); then BatchWriteAudit at a fixed 3x the
-#   measured ceiling for BENCH_INGEST_SUSTAINED_SECONDS (60).
+#   measured ceiling for BENCH_INGEST_SUSTAINED_SECONDS (60). The service's
+#   graph: BENCH_INGEST_HNSW_M (32), BENCH_INGEST_HNSW_EF_CONSTRUCTION (128).
 # - steady: the release server binary at BENCH_STEADY_WRITES (500) cached
 #   writes/s for BENCH_STEADY_SECONDS (300), fixed rate (coordinated omission
 #   corrected): p50/p95/p99 and the process's RSS, open files and PostgreSQL

@@ -57,6 +57,9 @@ const DIMENSIONS: usize = 384;
 const CENTRES: u64 = 256;
 const BATCH: usize = 100;
 const RECALL_QUERIES: u64 = 30;
+/// The graph this bench gives the service unless BENCH_INGEST_HNSW_M /
+/// BENCH_INGEST_HNSW_EF_CONSTRUCTION say otherwise (bench-quick runs pgvector's
+/// defaults: its backlogs are small).
 const GRAPH_M: u32 = 32;
 const GRAPH_EF_CONSTRUCTION: u32 = 128;
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
@@ -108,7 +111,7 @@ fn write(seed: u64, rr: String) -> pb::WriteAuditRequest {
     }
 }
 
-fn server_settings(url: &str, model_dir: &str, clients: usize, deferred: bool) -> Settings {
+fn server_settings(url: &str, model_dir: &str, clients: usize, deferred: bool, graph: (u32, u32)) -> Settings {
     let mut settings = common::server_settings(url, model_dir);
     settings.database.max_connections = clients as u32 + 4;
     settings.vector_index.deferred = deferred;
@@ -116,8 +119,7 @@ fn server_settings(url: &str, model_dir: &str, clients: usize, deferred: bool) -
     // These vectors are clusters of near-equidistant noise, the hardest case
     // for a graph index: with pgvector's default graph (16 / 64) recall@10
     // fell to 0.937 once the backlog had drained into it (docs/performance.md).
-    settings.vector_index.hnsw_m = GRAPH_M;
-    settings.vector_index.hnsw_ef_construction = GRAPH_EF_CONSTRUCTION;
+    (settings.vector_index.hnsw_m, settings.vector_index.hnsw_ef_construction) = graph;
     settings
 }
 
@@ -359,8 +361,12 @@ async fn main() -> anyhow::Result<()> {
     conn.execute("CREATE DATABASE ds_bench_ingest").await?;
     let url = format!("{}/ds_bench_ingest", admin.rsplit_once('/').unwrap().0);
 
-    let inline = start(server_settings(&url, &model_dir, clients, false)).await?;
-    let deferred = start(server_settings(&url, &model_dir, clients, true)).await?;
+    let graph = (
+        env_or("BENCH_INGEST_HNSW_M", GRAPH_M),
+        env_or("BENCH_INGEST_HNSW_EF_CONSTRUCTION", GRAPH_EF_CONSTRUCTION),
+    );
+    let inline = start(server_settings(&url, &model_dir, clients, false, graph)).await?;
+    let deferred = start(server_settings(&url, &model_dir, clients, true, graph)).await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(clients as u32 + 2)
         .connect(&url)
@@ -375,8 +381,9 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "## Ingest: caller-supplied embeddings vs the HNSW ceiling\n\n\
          {clients} clients (closed loop), {seconds} s per scenario, clustered 384-dim vectors. The service's \
-         HNSW graph: m {GRAPH_M}, ef_construction {GRAPH_EF_CONSTRUCTION} (vector_index.hnsw_*); the ceiling's \
-         table: pgvector's defaults (16, 64).\n"
+         HNSW graph: m {}, ef_construction {} (vector_index.hnsw_*); the ceiling's \
+         table: pgvector's defaults (16, 64).\n",
+        graph.0, graph.1
     );
     let spec = LoadSpec {
         workers: clients,

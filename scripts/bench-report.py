@@ -106,15 +106,21 @@ def main() -> int:
     args = parser.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sections = []
+    durations = []
     for bench in args.benches.split():
         path = os.path.join(args.run_dir, f"{bench}.md")
         if os.path.exists(path):
             with open(path) as f:
                 sections.append(f"# Bench: {bench}\n\n{f.read().strip()}\n")
+        seconds = os.path.join(args.run_dir, f"{bench}.seconds")
+        if os.path.exists(seconds):
+            with open(seconds) as f:
+                durations.append(f"{bench} {f.read().strip()} s")
+    per_bench = f" ({', '.join(durations)})" if durations else ""
     figure = plot(args.run_dir, args.out + ".png")
     header = (
         f"# Benchmark results: {os.path.basename(args.out)}\n\n"
-        f"- mode: `{args.mode}` (`scripts/bench.sh {args.mode}`), {args.elapsed // 60} min {args.elapsed % 60} s\n"
+        f"- mode: `{args.mode}` (`scripts/bench.sh {args.mode}`), {args.elapsed // 60} min {args.elapsed % 60} s{per_bench}\n"
         f"- commit: `{commit(root)}`\n"
         f"- machine: {machine()}\n"
         "- every ratio compares figures measured side by side in this run; this machine is noisy, "

@@ -74,10 +74,12 @@ echo "== built in $(( $(date +%s) - build_started )) s" >&2
 started=$(date +%s)
 for bench in $benches; do
   echo "== bench: $bench" >&2
+  bench_started=$(date +%s)
   # The write bench's all-on server logs JSON to stdout, as deployed; those
   # lines stay in $bench.stdout, out of the report.
   cargo bench --quiet --bench "$bench" 2>"$run_dir/$bench.log" \
     | tee "$run_dir/$bench.stdout" | { grep --line-buffered -v '^{"' || true; } | tee "$run_dir/$bench.md"
+  echo $(( $(date +%s) - bench_started )) >"$run_dir/$bench.seconds"
 done
 elapsed=$(( $(date +%s) - started ))
 

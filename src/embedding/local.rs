@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
 use super::{EmbeddingError, EmbeddingProvider};
 
@@ -47,17 +47,15 @@ impl LocalMiniLm {
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| anyhow::anyhow!("loading tokenizer.json: {e}"))?;
         // tokenizer.json pads and truncates to a fixed 128; sentence-transformers
-        // instead truncates at max_seq_length and pads to the batch's longest text.
+        // instead truncates at max_seq_length and pads to the batch's longest
+        // text. Padding happens in `forward`, per part of a batch.
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: max_seq_length,
                 ..Default::default()
             }))
             .map_err(|e| anyhow::anyhow!("configuring truncation: {e}"))?;
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..Default::default()
-        }));
+        tokenizer.with_padding(None);
 
         // SAFETY: the weights file is memory-mapped read-only and not modified while mapped.
         let vb = unsafe {
@@ -82,29 +80,73 @@ impl LocalMiniLm {
     }
 }
 
+/// A part smaller than this is not worth a thread of its own.
+const MIN_TEXTS_PER_PART: usize = 4;
+
 impl Model {
+    /// Sorts the batch by token count and splits it into one part per core,
+    /// each padded only to its own longest text. candle runs element-wise
+    /// work (GELU, softmax, layer norm) on the calling thread, and that is
+    /// most of a forward pass on the CPU, so parts on their own threads use
+    /// every core where one call would leave all but one idle.
     fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbeddingError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let model_error = |e: candle_core::Error| EmbeddingError::Model(e.to_string());
         let encodings = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| EmbeddingError::Model(format!("tokenizing: {e}")))?;
-        let rows = encodings.len();
-        let width = encodings[0].get_ids().len();
-        let mut ids = Vec::with_capacity(rows * width);
-        let mut type_ids = Vec::with_capacity(rows * width);
-        let mut mask = Vec::with_capacity(rows * width);
-        for encoding in &encodings {
-            ids.extend(encoding.get_ids().iter().map(|&v| v as i64));
-            type_ids.extend(encoding.get_type_ids().iter().map(|&v| v as i64));
-            mask.extend(encoding.get_attention_mask().iter().map(|&v| v as i64));
+        let mut order: Vec<usize> = (0..encodings.len()).collect();
+        order.sort_by_key(|&i| encodings[i].len());
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let parts = cores.min(order.len() / MIN_TEXTS_PER_PART).max(1);
+        let chunks: Vec<&[usize]> = order.chunks(order.len().div_ceil(parts)).collect();
+        let vectors: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
+            let others: Vec<_> = chunks[1..]
+                .iter()
+                .map(|chunk| scope.spawn(|| self.forward(&encodings, chunk)))
+                .collect();
+            let mut parts = vec![self.forward(&encodings, chunks[0])?];
+            for part in others {
+                parts.push(
+                    part.join()
+                        .unwrap_or_else(|_| Err(EmbeddingError::Model("embedding thread panicked".into())))?,
+                );
+            }
+            Ok::<_, EmbeddingError>(parts)
+        })?;
+        let mut out = vec![Vec::new(); texts.len()];
+        for (&i, vector) in order.iter().zip(vectors.into_iter().flatten()) {
+            out[i] = vector;
         }
-        let ids = Tensor::from_vec(ids, (rows, width), &self.device).map_err(model_error)?;
-        let type_ids = Tensor::from_vec(type_ids, (rows, width), &self.device).map_err(model_error)?;
-        let mask = Tensor::from_vec(mask, (rows, width), &self.device).map_err(model_error)?;
+        Ok(out)
+    }
+
+    /// The vectors of `rows` (indices into `encodings`), padded to the longest of them.
+    fn forward(&self, encodings: &[Encoding], rows: &[usize]) -> Result<Vec<Vec<f32>>, EmbeddingError> {
+        let model_error = |e: candle_core::Error| EmbeddingError::Model(e.to_string());
+        let width = rows.iter().map(|&i| encodings[i].len()).max().unwrap_or(0);
+        let mut ids = vec![0i64; rows.len() * width];
+        let mut type_ids = vec![0i64; rows.len() * width];
+        let mut mask = vec![0i64; rows.len() * width];
+        for (row, &i) in rows.iter().enumerate() {
+            let encoding = &encodings[i];
+            let at = row * width;
+            for (slot, &v) in ids[at..].iter_mut().zip(encoding.get_ids()) {
+                *slot = i64::from(v);
+            }
+            for (slot, &v) in type_ids[at..].iter_mut().zip(encoding.get_type_ids()) {
+                *slot = i64::from(v);
+            }
+            for (slot, &v) in mask[at..].iter_mut().zip(encoding.get_attention_mask()) {
+                *slot = i64::from(v);
+            }
+        }
+        let shape = (rows.len(), width);
+        let ids = Tensor::from_vec(ids, shape, &self.device).map_err(model_error)?;
+        let type_ids = Tensor::from_vec(type_ids, shape, &self.device).map_err(model_error)?;
+        let mask = Tensor::from_vec(mask, shape, &self.device).map_err(model_error)?;
 
         let hidden = self.bert.forward(&ids, &type_ids, Some(&mask)).map_err(model_error)?;
         let pooled = mean_pool(&hidden, &mask).map_err(model_error)?;

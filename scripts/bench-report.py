@@ -117,11 +117,13 @@ def main() -> int:
             with open(seconds) as f:
                 durations.append(f"{bench} {f.read().strip()} s")
     per_bench = f" ({', '.join(durations)})" if durations else ""
+    # Before the plot: rewriting a committed PNG would mark the tree dirty.
+    revision = commit(root)
     figure = plot(args.run_dir, args.out + ".png")
     header = (
         f"# Benchmark results: {os.path.basename(args.out)}\n\n"
         f"- mode: `{args.mode}` (`scripts/bench.sh {args.mode}`), {args.elapsed // 60} min {args.elapsed % 60} s{per_bench}\n"
-        f"- commit: `{commit(root)}`\n"
+        f"- commit: `{revision}`\n"
         f"- machine: {machine()}\n"
         "- every ratio compares figures measured side by side in this run; this machine is noisy, "
         "so compare ratios, not absolute numbers, between runs\n\n"

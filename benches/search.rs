@@ -42,7 +42,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use datastorage::{
     config::{IterativeScan, LogFormat},
@@ -457,6 +456,10 @@ fn embed_corpus(
     let mut out = vec![0f32; texts.len() * DIMS];
     let mut done = 0usize;
     let mut last_report = Instant::now();
+    anyhow::ensure!(
+        embedder == Embedder::Local || reference::available(),
+        "BENCH_SEARCH_EMBEDDER=reference needs scripts/bench-venv.sh --reference"
+    );
     let chunk = match embedder {
         Embedder::Local => EMBED_BATCH,
         Embedder::Reference => REFERENCE_CHUNK,
@@ -467,11 +470,7 @@ fn embed_corpus(
         let batch_texts: Vec<String> = batch.iter().map(|&i| texts[i].clone()).collect();
         let vectors: Vec<f32> = match embedder {
             Embedder::Local => model.embed_blocking(&batch_texts)?.concat(),
-            Embedder::Reference => {
-                reference::embed(model_dir, &batch_texts, EMBED_BATCH, threads, &scratch)?
-                    .context("BENCH_SEARCH_EMBEDDER=reference needs scripts/bench-venv.sh --reference")?
-                    .vectors
-            }
+            Embedder::Reference => reference::embed(model_dir, &batch_texts, EMBED_BATCH, threads, &scratch)?.vectors,
         };
         anyhow::ensure!(
             vectors.len() == batch.len() * DIMS,

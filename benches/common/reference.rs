@@ -16,8 +16,20 @@ pub struct Reference {
     pub vectors: Vec<f32>,
 }
 
-/// Embeds `texts` with the reference; `None` when the virtualenv is missing
-/// (`scripts/bench-venv.sh --reference` installs it). `scratch` holds the
+fn python() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/st-venv/bin/python")
+}
+
+/// Whether the bench virtualenv has torch and sentence-transformers
+/// (`scripts/bench-venv.sh --reference` installs them).
+pub fn available() -> bool {
+    Command::new(python())
+        .args(["-c", "import torch, sentence_transformers"])
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// Embeds `texts` with the reference (see `available`). `scratch` holds the
 /// texts and vectors handed to and from the child.
 pub fn embed(
     model_dir: &str,
@@ -25,22 +37,15 @@ pub fn embed(
     batch: usize,
     threads: usize,
     scratch: &Path,
-) -> anyhow::Result<Option<Reference>> {
+) -> anyhow::Result<Reference> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".cache/st-venv/bin/python");
-    let probe = Command::new(&python)
-        .args(["-c", "import torch, sentence_transformers"])
-        .output();
-    if !probe.is_ok_and(|out| out.status.success()) {
-        return Ok(None);
-    }
     std::fs::create_dir_all(scratch)?;
     let (input, output): (PathBuf, PathBuf) = (
         scratch.join("embedding-texts.json"),
         scratch.join("embedding-reference.f32"),
     );
     std::fs::write(&input, serde_json::to_vec(texts)?)?;
-    let run = Command::new(&python)
+    let run = Command::new(python())
         .arg(root.join("scripts/bench-embedding-reference.py"))
         .args([
             "--model",
@@ -72,12 +77,12 @@ pub fn embed(
         raw.len() == texts.len() * DIMENSIONS * 4,
         "reference vectors: wrong size"
     );
-    Ok(Some(Reference {
+    Ok(Reference {
         texts_per_second: report["texts_per_second"].as_f64().context("texts_per_second")?,
         versions: report["versions"].as_str().unwrap_or("").to_owned(),
         vectors: raw
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect(),
-    }))
+    })
 }
